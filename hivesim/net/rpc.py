@@ -1,0 +1,749 @@
+"""Async RPC over ZeroMQ: one ROUTER to serve, a bounded pool of DEALERs to call out.
+
+Every peer owns one :class:`Endpoint`. It binds a ROUTER socket that serves the handlers registered by
+name, and it calls other peers through DEALER sockets kept per destination in a small LRU pool, so a
+process packing hundreds of peers does not hold a socket for every neighbour it ever talked to.
+
+A message is a msgpack header frame plus raw buffer frames (see :mod:`hivesim.net.serialization`).
+Buffers above ``inline_limit`` bytes are *streamed*: the header only declares their sizes, and the bytes
+follow as chunk messages that the receiver copies straight into a preallocated tensor, so a 1 GiB
+tensor needs neither 2x memory nor a long stall of the event loop. Many calls share one socket, told
+apart by request ids. Replies and failures come back typed (:mod:`hivesim.net.errors`).
+
+Nothing a remote peer sends can crash the endpoint: malformed frames are answered with a
+``BadMessage`` error when they carry a request id, dropped and counted in :attr:`Endpoint.stats`
+otherwise, and declared sizes are checked against ``max_message_bytes`` before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from hivesim.net.errors import BadMessage, PeerUnreachable, RemoteError, RPCError, RPCTimeout
+from hivesim.net.limits import shared_context
+from hivesim.net.links import IdentityLinks, LinkModel
+from hivesim.net.serialization import Packed, pack, unpack
+
+logger = logging.getLogger(__name__)
+
+REQUEST, REPLY, ERROR, CHUNK = 0, 1, 2, 3
+PROTOCOL = 1
+MiB = 1 << 20
+# Messages queued per peer. A short receive queue pushes back on a fast sender through TCP, which bounds
+# what a stream holds in the receiver's memory to about RECEIVE_QUEUE chunks.
+RECEIVE_QUEUE = 32
+SEND_QUEUE = 1000
+
+Handler = Callable[[Any, "CallContext"], Awaitable[Any] | Any]
+
+
+@dataclass
+class CallContext:
+    """What a handler knows about the call it serves."""
+
+    method: str
+    deadline: float  # time.monotonic() after which the caller stops waiting
+    src: str = ""  # the caller's link tag in a simulation, "" in deployment
+
+    @property
+    def time_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+class _Incoming:
+    """A message being received: its header, its buffers, and how many streamed bytes are missing."""
+
+    __slots__ = ("header", "buffers", "missing", "release_at", "dropped", "timer", "nbytes")
+
+    def __init__(self, header: dict, buffers: list, missing: int, nbytes: int) -> None:
+        self.header = header
+        self.buffers = buffers
+        self.missing = missing
+        self.nbytes = nbytes
+        self.release_at = 0.0
+        self.dropped = False
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Connection:
+    """One DEALER socket to one remote endpoint, with the task that reads its replies."""
+
+    __slots__ = ("address", "socket", "monitor", "reader", "watcher", "calls", "last_used")
+
+    def __init__(self, address: str, socket: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        self.address = address
+        self.socket = socket
+        self.monitor = monitor
+        self.reader: asyncio.Task | None = None
+        self.watcher: asyncio.Task | None = None
+        self.calls: set[int] = set()  # request ids waiting for a reply through this socket
+        self.last_used = time.monotonic()
+
+    @property
+    def inflight(self) -> int:
+        return len(self.calls)
+
+    def tasks(self) -> list[asyncio.Task]:
+        return [t for t in (self.reader, self.watcher) if t is not None]
+
+    def close(self) -> None:
+        for task in self.tasks():
+            task.cancel()
+        self.socket.close(0)
+        self.monitor.close(0)
+
+
+class Endpoint:
+    """A peer's network presence: serves registered handlers and calls other endpoints.
+
+    Args:
+        host: interface to bind (``"0.0.0.0"`` on a real cluster).
+        port: TCP port, 0 picks a free one; :attr:`address` tells which.
+        links: the link model (``IdentityLinks`` in deployment, ``ShapedLinks`` in simulation).
+        advertise_host: host written into :attr:`address` when ``host`` is a wildcard.
+        default_timeout: seconds a :meth:`call` waits when it is given no timeout.
+        connect_timeout: seconds to wait for a TCP + ZMTP handshake with a new peer.
+        max_message_bytes: largest message (all buffers together) accepted from a peer.
+        max_pending_bytes: most bytes of incomplete streamed messages held at once.
+        max_inflight: most handler calls running at once; more get an ``Overloaded`` error.
+        pool_size: outgoing connections kept open; idle ones beyond it are closed, oldest first.
+        inline_limit: buffers larger than this are streamed in chunks of ``chunk_size``.
+        compression: default compression of outgoing tensors (see :mod:`hivesim.net.codecs`).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        links: LinkModel | None = None,
+        advertise_host: str | None = None,
+        default_timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        max_message_bytes: int = 16 << 30,
+        max_pending_bytes: int = 32 << 30,
+        max_inflight: int = 1024,
+        pool_size: int = 64,
+        inline_limit: int = 4 * MiB,
+        chunk_size: int = 4 * MiB,
+        compression: Any = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.links: LinkModel = links if links is not None else IdentityLinks()
+        self.advertise_host = advertise_host
+        self.default_timeout = default_timeout
+        self.connect_timeout = connect_timeout
+        self.max_message_bytes = max_message_bytes
+        self.max_pending_bytes = max_pending_bytes
+        self.max_inflight = max_inflight
+        self.pool_size = pool_size
+        self.inline_limit = inline_limit
+        self.chunk_size = chunk_size
+        self.compression = compression
+        self.stats: Counter[str] = Counter()
+
+        self._handlers: dict[str, Handler] = {}
+        self._router: zmq.asyncio.Socket | None = None
+        self._router_reader: asyncio.Task | None = None
+        self._pool: OrderedDict[str, _Connection] = OrderedDict()
+        self._connecting: dict[str, asyncio.Future] = {}
+        self._pending: dict[int, asyncio.Future] = {}
+        self._incoming: dict[tuple[bytes, int], _Incoming] = {}
+        self._pending_bytes = 0
+        self._serving: set[asyncio.Task] = set()
+        self._rids = itertools.count(1)
+        self._closed = False
+        self._address = ""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> "Endpoint":
+        """Bind the ROUTER socket and start serving. Returns ``self``."""
+        if self._router is not None:
+            return self
+        ctx = shared_context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+        router.setsockopt(zmq.SNDHWM, SEND_QUEUE)
+        if ":" in self.host:
+            router.setsockopt(zmq.IPV6, 1)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        try:
+            if self.port:
+                router.bind(f"tcp://{host}:{self.port}")
+            else:
+                self.port = router.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as e:
+            router.close(0)
+            raise OSError(f"cannot bind tcp://{host}:{self.port}: {e}") from None
+        self._router = router
+        shown = self.advertise_host or self.host
+        if shown in ("0.0.0.0", "*", "::"):
+            shown = "127.0.0.1"
+        shown = f"[{shown}]" if ":" in shown else shown
+        self._address = f"tcp://{shown}:{self.port}"
+        self._router_reader = asyncio.get_running_loop().create_task(self._read_router())
+        return self
+
+    async def __aenter__(self) -> "Endpoint":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def address(self) -> str:
+        """The address other peers call, e.g. ``tcp://127.0.0.1:40123``."""
+        if not self._address:
+            raise RuntimeError("the endpoint is not started: await endpoint.start() first")
+        return self._address
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Stop serving, close every socket and cancel every task. Pending calls fail."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [t for t in (self._router_reader, *self._serving) if t is not None]
+        tasks += [t for c in self._pool.values() for t in c.tasks()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(RPCError("the endpoint was closed"))
+        self._pending.clear()
+        for incoming in self._incoming.values():
+            if incoming.timer:
+                incoming.timer.cancel()
+        self._incoming.clear()
+        self._pending_bytes = 0
+        for conn in self._pool.values():
+            conn.close()
+        self._pool.clear()
+        for fut in self._connecting.values():
+            fut.cancel()
+        if self._router is not None:
+            self._router.close(0)
+
+    # ------------------------------------------------------------------ serving
+
+    def register(self, name: str, handler: Handler, *, replace: bool = False) -> None:
+        """Serve ``handler(payload, ctx)`` (sync or async) under ``name``; its return value is the reply."""
+        if name in self._handlers and not replace:
+            raise ValueError(f"a handler named {name!r} is already registered")
+        self._handlers[name] = handler
+
+    def unregister(self, name: str) -> None:
+        self._handlers.pop(name, None)
+
+    async def _read_router(self) -> None:
+        assert self._router is not None
+        while True:
+            try:
+                frames = await self._router.recv_multipart(copy=False)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError:
+                return
+            if len(frames) < 2:
+                self.stats["dropped_malformed"] += 1
+                continue
+            self._on_frames(frames[0].bytes, frames[1:])
+            await asyncio.sleep(0)  # a ready socket never suspends recv: let other tasks run between messages
+
+    async def _serve(self, origin: bytes, incoming: _Incoming) -> None:
+        header = incoming.header
+        rid, method = header["i"], header.get("m")
+        try:
+            if not isinstance(method, str):
+                raise BadMessage("a request needs a method name")
+            handler = self._handlers.get(method)
+            if handler is None:
+                await self._reply_error(origin, rid, "UnknownMethod", f"no handler named {method!r}")
+                return
+            if len(self._serving) > self.max_inflight:
+                self.stats["overloaded"] += 1
+                await self._reply_error(origin, rid, "Overloaded", f"more than {self.max_inflight} calls running")
+                return
+            timeout = header.get("to")
+            if not isinstance(timeout, (int, float)) or timeout <= 0:
+                timeout = self.default_timeout
+            deadline = time.monotonic() + min(float(timeout), 24 * 3600.0)
+            payload = unpack(header.get("b", b""), incoming.buffers)
+            ctx = CallContext(method, deadline, header.get("src", "") if isinstance(header.get("src"), str) else "")
+            try:
+                result = handler(payload, ctx)
+                if inspect.isawaitable(result):
+                    async with asyncio.timeout(ctx.time_left + 1.0):
+                        result = await result
+            except asyncio.TimeoutError:
+                self.stats["handler_timeouts"] += 1
+                return  # the caller has given up; nobody reads a reply
+            except BadMessage:
+                raise
+            except Exception as e:
+                self.stats["handler_errors"] += 1
+                logger.debug("handler %s raised", method, exc_info=True)
+                await self._reply_error(origin, rid, type(e).__name__, str(e))
+                return
+            try:
+                packed = pack(result, self.compression)
+            except Exception as e:
+                await self._reply_error(origin, rid, type(e).__name__, f"cannot send the reply: {e}")
+                return
+            self.stats["calls_served"] += 1
+            await self._send(self._router, [origin], {"k": REPLY, "i": rid}, packed, deadline)
+        except BadMessage as e:
+            self.stats["bad_messages"] += 1
+            await self._reply_error(origin, rid, "BadMessage", str(e))
+        except (zmq.ZMQError, RPCError):
+            self.stats["reply_failed"] += 1  # the caller went away
+
+    async def _reply_error(self, origin: bytes, rid: int, kind: str, message: str) -> None:
+        header = {"v": PROTOCOL, "k": ERROR, "i": rid, "e": [kind, message[:2000]]}
+        try:
+            await self._router.send_multipart([origin, msgpack.packb(header)], flags=zmq.NOBLOCK)  # type: ignore[union-attr]
+        except zmq.ZMQError:
+            self.stats["reply_failed"] += 1
+
+    # ------------------------------------------------------------------ calling
+
+    async def call(
+        self,
+        address: str,
+        method: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """Call ``method`` on the endpoint at ``address`` and return its reply.
+
+        Raises:
+            RPCTimeout: no reply within ``timeout`` seconds (default :attr:`default_timeout`).
+            PeerUnreachable: the peer cannot be connected to, or went away.
+            RemoteError: the remote handler raised (type and message are kept).
+            BadMessage: either side could not decode the other's message.
+        """
+        if self._closed:
+            raise RPCError("the endpoint is closed")
+        timeout = self.default_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        packed = pack(payload, compression if compression is not None else self.compression)
+        rid = next(self._rids)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        conn: _Connection | None = None
+        try:
+            conn = await self._connection(address, deadline)
+            conn.calls.add(rid)
+            header = {"k": REQUEST, "i": rid, "m": method, "to": round(timeout, 3)}
+            await self._send(conn.socket, [], header, packed, deadline)
+            self.stats["calls_sent"] += 1
+            timer = asyncio.get_running_loop().call_at(_loop_time(deadline), _expire, future)
+            try:
+                incoming: _Incoming = await future
+            finally:
+                timer.cancel()
+        except asyncio.TimeoutError:
+            self.stats["call_timeouts"] += 1
+            raise RPCTimeout(f"{method!r} on {address} got no reply within {timeout:.3g} s") from None
+        finally:
+            self._pending.pop(rid, None)
+            self._forget_incoming((b"", rid))
+            if conn is not None:
+                conn.calls.discard(rid)
+                conn.last_used = time.monotonic()
+        header = incoming.header
+        if header["k"] not in (REPLY, ERROR):
+            raise BadMessage(f"{address} answered {method!r} with a message of kind {header['k']}")
+        if header["k"] == ERROR:
+            kind, message = _error_fields(header)
+            if kind == "BadMessage":
+                raise BadMessage(f"{address} could not read our {method!r} call: {message}")
+            raise RemoteError(kind, message, method)
+        try:
+            return unpack(header.get("b", b""), incoming.buffers)
+        except BadMessage as e:
+            raise BadMessage(f"bad reply to {method!r} from {address}: {e}") from None
+
+    async def _connection(self, address: str, deadline: float) -> _Connection:
+        conn = self._pool.get(address)
+        if conn is not None:
+            self._pool.move_to_end(address)
+            return conn
+        waiting = self._connecting.get(address)
+        if waiting is not None:
+            return await asyncio.shield(waiting)
+        future = asyncio.get_running_loop().create_future()
+        self._connecting[address] = future
+        try:
+            conn = await self._connect(address, deadline)
+            future.set_result(conn)
+            return conn
+        except BaseException as e:
+            future.set_exception(e if isinstance(e, Exception) else RPCError("connect cancelled"))
+            future.exception()  # mark retrieved: the other waiters may be gone
+            raise
+        finally:
+            self._connecting.pop(address, None)
+
+    async def _connect(self, address: str, deadline: float) -> _Connection:
+        if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://", "inproc://")):
+            raise PeerUnreachable(f"not an endpoint address: {address!r} (expected tcp://host:port)")
+        sock = shared_context().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer we are not connected to
+        sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
+        sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+        if address.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        # The monitor stays for the socket's life: a DISCONNECTED event fails the calls in flight at once
+        # instead of leaving them to their timeouts.
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
+        )
+        try:
+            try:
+                sock.connect(address)
+            except zmq.ZMQError as e:
+                raise PeerUnreachable(f"cannot connect to {address!r}: {e}") from None
+            limit = min(deadline, time.monotonic() + self.connect_timeout)
+            while True:
+                left = limit - time.monotonic()
+                if left <= 0:
+                    raise PeerUnreachable(f"no connection to {address} within {self.connect_timeout:.3g} s")
+                try:
+                    event = parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), left))
+                except asyncio.TimeoutError:
+                    continue
+                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    break
+                if event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                    raise PeerUnreachable(f"{address} refused the connection")
+        except BaseException:
+            sock.close(0)
+            monitor.close(0)
+            raise
+        conn = _Connection(address, sock, monitor)
+        if self._closed:
+            conn.close()
+            raise RPCError("the endpoint is closed")
+        loop = asyncio.get_running_loop()
+        conn.reader = loop.create_task(self._read_dealer(conn))
+        conn.watcher = loop.create_task(self._watch(conn))
+        self._pool[address] = conn
+        self.stats["connections_opened"] += 1
+        self._trim_pool()
+        return conn
+
+    def _trim_pool(self) -> None:
+        excess = len(self._pool) - self.pool_size
+        for address in list(self._pool):
+            if excess <= 0:
+                break
+            if self._pool[address].inflight == 0:
+                self._drop_connection(address)
+                excess -= 1
+
+    def _drop_connection(self, address: str) -> None:
+        conn = self._pool.pop(address, None)
+        if conn is None:
+            return
+        conn.close()
+        self.stats["connections_closed"] += 1
+
+    async def _watch(self, conn: _Connection) -> None:
+        """Fail the calls waiting on ``conn`` as soon as its peer disconnects."""
+        while True:
+            try:
+                event = parse_monitor_message(await conn.monitor.recv_multipart())
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError:
+                return
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            self.stats["disconnects"] += 1
+            for rid in list(conn.calls):
+                future = self._pending.get(rid)
+                if future is not None and not future.done():
+                    future.set_exception(PeerUnreachable(f"{conn.address} disconnected during the call"))
+            if self._pool.get(conn.address) is conn:
+                self._pool.pop(conn.address)
+                self.stats["connections_closed"] += 1
+            conn.reader.cancel() if conn.reader else None
+            conn.socket.close(0)
+            conn.monitor.close(0)
+            return
+
+    async def _read_dealer(self, conn: _Connection) -> None:
+        while True:
+            try:
+                frames = await conn.socket.recv_multipart(copy=False)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError:
+                return
+            self._on_frames(b"", frames)
+            await asyncio.sleep(0)
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send(
+        self,
+        sock: zmq.asyncio.Socket,
+        prefix: list[bytes],
+        header: dict,
+        packed: Packed,
+        deadline: float,
+    ) -> None:
+        """Send one message: header + inline buffers, then streamed buffers in chunks.
+
+        Sends wait (asynchronously) while the peer's queue is full, which is the flow control that keeps
+        a fast sender from piling a huge stream into the receiver's memory; a peer that disconnects
+        meanwhile closes the socket under the send, which then fails with ``PeerUnreachable``.
+        """
+        sizes = [int(b.numel()) for b in packed.buffers]
+        streamed = [i for i, n in enumerate(sizes) if n > self.inline_limit]
+        inline = [packed.buffers[i] for i in range(len(sizes)) if i not in streamed] if streamed else packed.buffers
+        header["v"] = PROTOCOL
+        header["b"] = packed.body
+        header["L"] = sizes
+        if streamed:
+            header["S"] = streamed
+        first_size = len(packed.body) + sum(int(b.numel()) for b in inline)
+        await self._shape(header, first_size)
+        frames = [*prefix, msgpack.packb(header, use_bin_type=True), *(_frame(b) for b in inline)]
+        try:
+            await asyncio.wait_for(sock.send_multipart(frames, copy=False), max(0.0, deadline - time.monotonic()))
+        except zmq.ZMQError as e:
+            raise PeerUnreachable(f"send failed: {e}") from None
+        except asyncio.TimeoutError:
+            raise RPCTimeout("could not send before the deadline") from None
+        self.stats["bytes_sent"] += first_size
+        for index in streamed:
+            data = packed.buffers[index]
+            for offset in range(0, sizes[index], self.chunk_size):
+                piece = data[offset : offset + self.chunk_size]
+                chunk = {"v": PROTOCOL, "k": CHUNK, "i": header["i"], "x": index, "o": offset}
+                await self._shape(chunk, int(piece.numel()))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RPCTimeout("could not send before the deadline")
+                try:
+                    await asyncio.wait_for(
+                        sock.send_multipart([*prefix, msgpack.packb(chunk), _frame(piece)], copy=False), left
+                    )
+                except asyncio.TimeoutError:
+                    raise RPCTimeout("could not send before the deadline") from None
+                except zmq.ZMQError as e:
+                    raise PeerUnreachable(f"send failed mid-stream: {e}") from None
+                self.stats["bytes_sent"] += int(piece.numel())
+
+    async def _shape(self, header: dict, nbytes: int) -> None:
+        if not self.links.shaped:
+            return
+        leave_at = self.links.uplink(nbytes)
+        wait = leave_at - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        header["src"] = self.links.tag
+        header["t"] = max(leave_at, time.monotonic())
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_frames(self, origin: bytes, frames: list) -> None:
+        """Handle one raw message from the ROUTER (``origin`` = sender identity) or a DEALER (``b""``)."""
+        try:
+            header = msgpack.unpackb(frames[0].buffer, raw=False)
+        except Exception:
+            self.stats["dropped_malformed"] += 1
+            return
+        if not isinstance(header, dict) or not isinstance(header.get("i"), int) or header.get("k") not in (0, 1, 2, 3):
+            self.stats["dropped_malformed"] += 1
+            return
+        rid, kind = header["i"], header["k"]
+        if not origin and rid not in self._pending:
+            self.stats["dropped_stale"] += 1  # a reply to a call that already gave up
+            return
+        try:
+            if kind == CHUNK:
+                self._on_chunk(origin, header, frames)
+            else:
+                self._on_head(origin, header, frames)
+        except BadMessage as e:
+            self.stats["bad_messages"] += 1
+            self._forget_incoming((origin, rid))
+            if origin and kind in (REQUEST, CHUNK):  # chunks on the serving side belong to a request
+                asyncio.get_running_loop().create_task(self._reply_error(origin, rid, "BadMessage", str(e)))
+            elif not origin:
+                future = self._pending.get(rid)
+                if future is not None and not future.done():
+                    future.set_exception(BadMessage(f"malformed reply: {e}"))
+
+    def _on_head(self, origin: bytes, header: dict, frames: list) -> None:
+        rid = header["i"]
+        if (origin, rid) in self._incoming:
+            raise BadMessage(f"request id {rid} is already in use")
+        if header["k"] == ERROR:
+            self._complete(origin, _Incoming(header, [], 0, 0))
+            return
+        sizes, streamed = header.get("L", []), header.get("S", [])
+        if not isinstance(sizes, list) or not all(isinstance(n, int) and n >= 0 for n in sizes):
+            raise BadMessage("buffer sizes must be a list of non-negative integers")
+        if not isinstance(streamed, list) or not all(isinstance(i, int) and 0 <= i < len(sizes) for i in streamed):
+            raise BadMessage("streamed buffer indices out of range")
+        if not isinstance(header.get("b", b""), bytes):
+            raise BadMessage("message body must be bytes")
+        total = sum(sizes)
+        if total > self.max_message_bytes:
+            raise BadMessage(f"declares {total} bytes, more than the {self.max_message_bytes} accepted")
+        streamed_set = set(streamed)
+        inline_frames = frames[1:]
+        if len(inline_frames) != len(sizes) - len(streamed_set):
+            raise BadMessage(f"declares {len(sizes) - len(streamed_set)} inline buffers, carries {len(inline_frames)}")
+        buffers: list[Any] = []
+        frame_iter = iter(inline_frames)
+        missing = 0
+        for index, size in enumerate(sizes):
+            if index in streamed_set:
+                buffers.append(None)
+                missing += size
+                continue
+            frame = next(frame_iter)
+            if len(frame) != size:
+                raise BadMessage(f"buffer {index} declares {size} bytes, carries {len(frame)}")
+            buffers.append(frame.buffer)
+        if missing and self._pending_bytes + missing > self.max_pending_bytes:
+            raise BadMessage(f"too many streamed bytes in flight ({self._pending_bytes + missing})")
+        for index in streamed_set:  # allocated lazily by the OS: pages only exist once data arrives
+            buffers[index] = torch.empty(sizes[index], dtype=torch.uint8)
+        incoming = _Incoming(header, buffers, missing, total + len(header.get("b", b"")))
+        self._note_arrival(incoming, header, incoming.nbytes - missing)
+        if missing:
+            self._pending_bytes += missing
+            self._incoming[(origin, rid)] = incoming
+            timeout = header.get("to") if isinstance(header.get("to"), (int, float)) else self.default_timeout
+            incoming.timer = asyncio.get_running_loop().call_later(
+                max(1.0, float(timeout)), self._expire_incoming, (origin, rid)
+            )
+        else:
+            self._complete(origin, incoming)
+
+    def _on_chunk(self, origin: bytes, header: dict, frames: list) -> None:
+        incoming = self._incoming.get((origin, header["i"]))
+        if incoming is None:
+            self.stats["dropped_stray_chunks"] += 1
+            return
+        index, offset = header.get("x"), header.get("o")
+        if len(frames) != 2 or not isinstance(index, int) or not isinstance(offset, int):
+            raise BadMessage("a chunk needs a buffer index, an offset and one data frame")
+        if not 0 <= index < len(incoming.buffers) or not isinstance(incoming.buffers[index], torch.Tensor):
+            raise BadMessage(f"chunk for buffer {index}, which is not streamed")
+        target: torch.Tensor = incoming.buffers[index]
+        data = frames[1]
+        size = len(data)
+        if offset < 0 or offset + size > target.numel() or size > incoming.missing:
+            raise BadMessage(f"chunk of {size} bytes at {offset} overflows buffer {index}")
+        if size:
+            target[offset : offset + size].numpy()[:] = memoryview(data.buffer)
+        incoming.missing -= size
+        self._pending_bytes -= size
+        self._note_arrival(incoming, header, size)
+        if incoming.missing == 0:
+            del self._incoming[(origin, header["i"])]
+            if incoming.timer:
+                incoming.timer.cancel()
+            self._complete(origin, incoming)
+
+    def _note_arrival(self, incoming: _Incoming, header: dict, nbytes: int) -> None:
+        if not self.links.shaped:
+            return
+        src, sent_at = header.get("src"), header.get("t")
+        if not isinstance(src, str) or not isinstance(sent_at, (int, float)):
+            return
+        if header["k"] != CHUNK and self.links.drop(src, self.links.tag):
+            incoming.dropped = True
+        incoming.release_at = max(incoming.release_at, self.links.arrival(src, float(sent_at), nbytes))
+
+    def _complete(self, origin: bytes, incoming: _Incoming) -> None:
+        if incoming.dropped:
+            self.stats["dropped_by_link"] += 1
+            return
+        self.stats["bytes_received"] += incoming.nbytes
+        wait = incoming.release_at - time.monotonic()
+        if wait > 0:
+            asyncio.get_running_loop().call_later(wait, self._deliver, origin, incoming)
+        else:
+            self._deliver(origin, incoming)
+
+    def _deliver(self, origin: bytes, incoming: _Incoming) -> None:
+        if self._closed:
+            return
+        if origin:
+            if incoming.header["k"] != REQUEST:
+                self.stats["dropped_malformed"] += 1
+                return
+            task = asyncio.get_running_loop().create_task(self._serve(origin, incoming))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+            return
+        future = self._pending.get(incoming.header["i"])
+        if future is not None and not future.done():
+            future.set_result(incoming)
+
+    def _expire_incoming(self, key: tuple[bytes, int]) -> None:
+        if key in self._incoming:
+            self.stats["expired_streams"] += 1
+            self._forget_incoming(key)
+
+    def _forget_incoming(self, key: tuple[bytes, int]) -> None:
+        incoming = self._incoming.pop(key, None)
+        if incoming is not None:
+            self._pending_bytes -= incoming.missing
+            if incoming.timer:
+                incoming.timer.cancel()
+
+
+def _loop_time(deadline: float) -> float:
+    """Convert a ``time.monotonic()`` deadline to the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
+
+
+def _frame(buffer: torch.Tensor) -> Any:
+    return memoryview(buffer.numpy()) if buffer.numel() else b""
+
+
+def _error_fields(header: dict) -> tuple[str, str]:
+    fields = header.get("e")
+    if isinstance(fields, list) and len(fields) == 2 and all(isinstance(f, str) for f in fields):
+        return fields[0], fields[1]
+    return "BadMessage", "unreadable error reply"
