@@ -47,6 +47,9 @@ MiB = 1 << 20
 # what a stream holds in the receiver's memory to about RECEIVE_QUEUE chunks.
 RECEIVE_QUEUE = 32
 SEND_QUEUE = 1000
+SOCKET_BUFFER = 4 * MiB
+
+_monitor_ids = itertools.count()
 
 Handler = Callable[[Any, "CallContext"], Awaitable[Any] | Any]
 
@@ -103,8 +106,7 @@ class _Connection:
     def close(self) -> None:
         for task in self.tasks():
             task.cancel()
-        self.socket.close(0)
-        self.monitor.close(0)
+        _close_monitored(self.socket, self.monitor)
 
 
 class Endpoint:
@@ -180,8 +182,7 @@ class Endpoint:
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
-        router.setsockopt(zmq.SNDHWM, SEND_QUEUE)
+        _tune(router)
         if ":" in self.host:
             router.setsockopt(zmq.IPV6, 1)
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -415,15 +416,18 @@ class Endpoint:
         sock = shared_context().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer we are not connected to
-        sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
-        sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+        _tune(sock)
         if address.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
         # The monitor stays for the socket's life: a DISCONNECTED event fails the calls in flight at once
         # instead of leaving them to their timeouts.
-        monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
-        )
+        # Each monitor gets an address of its own: pyzmq's default name reuses the socket's file
+        # descriptor number, which a closed socket's monitor may still hold.
+        monitor_address = f"inproc://hivesim-monitor-{next(_monitor_ids)}"
+        sock.monitor(monitor_address, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED)
+        monitor = shared_context().socket(zmq.PAIR)
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.connect(monitor_address)
         try:
             try:
                 sock.connect(address)
@@ -443,8 +447,7 @@ class Endpoint:
                 if event["event"] == zmq.EVENT_CONNECT_RETRIED:
                     raise PeerUnreachable(f"{address} refused the connection")
         except BaseException:
-            sock.close(0)
-            monitor.close(0)
+            _close_monitored(sock, monitor)
             raise
         conn = _Connection(address, sock, monitor)
         if self._closed:
@@ -493,9 +496,9 @@ class Endpoint:
             if self._pool.get(conn.address) is conn:
                 self._pool.pop(conn.address)
                 self.stats["connections_closed"] += 1
-            conn.reader.cancel() if conn.reader else None
-            conn.socket.close(0)
-            conn.monitor.close(0)
+            if conn.reader is not None:
+                conn.reader.cancel()
+            _close_monitored(conn.socket, conn.monitor)
             return
 
     async def _read_dealer(self, conn: _Connection) -> None:
@@ -725,6 +728,23 @@ class Endpoint:
             self._pending_bytes -= incoming.missing
             if incoming.timer:
                 incoming.timer.cancel()
+
+
+def _tune(sock: zmq.asyncio.Socket) -> None:
+    sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
+    sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)  # the kernel's defaults halve bulk throughput on loopback
+    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
+
+
+def _close_monitored(sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+    if not sock.closed:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        sock.close(0)
+    monitor.close(0)
 
 
 def _loop_time(deadline: float) -> float:
