@@ -16,7 +16,18 @@ from hivesim.net import (  # noqa: E402
     SizeAdaptiveCompression,
 )
 
+from hivesim.dht import (  # noqa: E402
+    DHT,
+    DHTNode,
+    SchemaValidator,
+    SignatureValidator,
+    ValueWithExpiration,
+    get_dht_time,
+    owner_marker,
+)
+
 __all__ = [
+    "DHT", "DHTNode", "SchemaValidator", "SignatureValidator", "ValueWithExpiration", "get_dht_time", "owner_marker",
     "BadMessage", "CallContext", "Endpoint", "Identity", "IdentityLinks", "PeerUnreachable", "RPCError",
     "RPCTimeout", "RemoteError", "ShapedLinks", "SizeAdaptiveCompression", "__version__",
 ]

@@ -1,0 +1,154 @@
+"""``DHT``: a blocking facade over :class:`DHTNode`, shaped like hivemind's so its scripts port easily.
+
+The node runs in a background thread with its own event loop (no subprocess); every method submits a
+coroutine there and waits for it, or returns a ``concurrent.futures.Future`` with ``return_future=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from hivesim.dht.node import DHTNode
+from hivesim.dht.storage import ValueWithExpiration
+from hivesim.dht.validation import RecordValidator
+
+T = TypeVar("T")
+
+
+class DHT:
+    """A DHT peer usable from ordinary (non-async) code.
+
+    Args:
+        initial_peers: addresses of running peers (what their :meth:`get_visible_addresses` returned).
+        host, port: where to listen (``port=0`` picks a free port).
+        start: start right away; otherwise call :meth:`run_in_background`.
+        client_mode: only make requests (a peer behind NAT); others never route to it.
+        record_validators: e.g. :class:`~hivesim.dht.SchemaValidator`; owned keys are always signature-checked.
+        **node_kwargs: passed to :meth:`DHTNode.create` (``bucket_size``, ``num_replicas``, ``rpc_timeout``...).
+    """
+
+    def __init__(
+        self,
+        initial_peers: Sequence[str] = (),
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        start: bool = True,
+        client_mode: bool = False,
+        record_validators: Iterable[RecordValidator] = (),
+        startup_timeout: float = 60.0,
+        **node_kwargs: Any,
+    ) -> None:
+        self.initial_peers = list(initial_peers)
+        self._kwargs = dict(host=host, port=port, client_mode=client_mode, record_validators=list(record_validators), **node_kwargs)
+        self.startup_timeout = startup_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._node: DHTNode | None = None
+        if start:
+            self.run_in_background()
+
+    def run_in_background(self) -> None:
+        """Start the node's thread and wait until it has joined the DHT (raises if it could not)."""
+        if self._thread is not None:
+            return
+        ready: Future = Future()
+        self._loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._node = self._loop.run_until_complete(DHTNode.create(self.initial_peers, **self._kwargs))
+            except BaseException as e:
+                ready.set_exception(e)
+                self._loop.close()
+                return
+            ready.set_result(None)
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._node.shutdown())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="hivesim-dht", daemon=True)
+        self._thread.start()
+        try:
+            ready.result(self.startup_timeout)
+        except BaseException:
+            self._thread.join(5)
+            self._thread = None
+            raise
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def node(self) -> DHTNode:
+        if self._node is None or not self.is_alive:
+            raise RuntimeError("the DHT is not running")
+        return self._node
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.node.peer_id
+
+    @property
+    def public_key(self) -> bytes:
+        """This peer's Ed25519 public key; put ``owner_marker(dht.public_key)`` in keys only it may write."""
+        return self.node.public_key
+
+    def get_visible_addresses(self) -> list[str]:
+        """Addresses other peers pass as ``initial_peers`` to join through this one."""
+        return [self.node.address]
+
+    def _submit(self, coro: Any, return_future: bool, timeout: float | None = None) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        return future if return_future else future.result(timeout)
+
+    def store(
+        self, key: Any, value: Any, expiration_time: float, subkey: Any = None, *, return_future: bool = False
+    ) -> bool | Future:
+        """Store ``value`` under ``key`` (and ``subkey``) until ``expiration_time`` (see :func:`get_dht_time`)."""
+        return self._submit(self.node.store(key, value, expiration_time, subkey), return_future)
+
+    def get(self, key: Any, latest: bool = False, *, return_future: bool = False) -> ValueWithExpiration | None | Future:
+        """The newest value found under ``key``; for subkeys ``.value`` is ``{subkey: ValueWithExpiration}``."""
+        return self._submit(self.node.get(key, latest=latest), return_future)
+
+    def store_many(self, items: Iterable[tuple], *, return_future: bool = False) -> dict | Future:
+        return self._submit(self.node.store_many(list(items)), return_future)
+
+    def get_many(self, keys: Iterable[Any], latest: bool = False, *, return_future: bool = False) -> dict | Future:
+        return self._submit(self.node.get_many(list(keys), latest=latest), return_future)
+
+    def run_coroutine(self, fn: Callable[["DHT", DHTNode], Any], return_future: bool = False) -> Any:
+        """Run ``await fn(dht, node)`` in the node's event loop and return its result."""
+
+        async def call() -> Any:
+            return await fn(self, self.node)
+
+        return self._submit(call(), return_future)
+
+    def shutdown(self) -> None:
+        """Stop the node and its thread (idempotent)."""
+        if self._thread is None:
+            return
+        if self._loop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._thread = None
+
+    def __enter__(self) -> "DHT":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,540 @@
+"""The asynchronous Kademlia node.
+
+One :class:`DHTNode` serves the DHT's RPCs on an :class:`~hivesim.net.Endpoint` and runs lookups for
+its owner. Lookups are iterative and parallel (``alpha`` requests in flight per key) and *shared*: when
+many keys are looked up at once, a peer that is among the candidates for several of them is asked
+about all of them in one request. A lookup for a key ends when the ``bucket_size`` nearest peers seen
+have all answered (or failed), or as soon as a value is found unless ``latest=True`` asks for the
+newest version among all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from hivesim.dht import protocol
+from hivesim.dht.protocol import FIND, PING, STORE, Limits
+from hivesim.dht.routing import RoutingTable, id_from_bytes, id_of_key_bytes, id_to_bytes, key_id, random_id
+from hivesim.dht.storage import DHTRecord, LocalStorage, ValueWithExpiration, get_dht_time
+from hivesim.dht.validation import CompositeValidator, RecordRejected, RecordValidator, SignatureValidator
+from hivesim.net.errors import RPCError
+from hivesim.net.identity import Identity
+from hivesim.net.links import LinkModel
+from hivesim.net.rpc import CallContext, Endpoint
+
+logger = logging.getLogger(__name__)
+
+Contact = tuple[int, str]
+
+
+@dataclass
+class _Lookup:
+    """The state of one key's iterative lookup."""
+
+    target: int
+    size: int
+    candidates: dict[int, str] = field(default_factory=dict)
+    asked: set[int] = field(default_factory=set)
+    answered: dict[int, str] = field(default_factory=dict)
+    inflight: int = 0
+    plain: DHTRecord | None = None
+    subkeys: dict[bytes, DHTRecord] = field(default_factory=dict)
+    holders: set[int] = field(default_factory=set)
+
+    @property
+    def found(self) -> bool:
+        return self.plain is not None or bool(self.subkeys)
+
+    def nearest_answered(self) -> list[Contact]:
+        return sorted(self.answered.items(), key=lambda c: c[0] ^ self.target)[: self.size]
+
+    def next_candidate(self, banned: Any) -> Contact | None:
+        """The nearest not-yet-asked candidate that could still enter the ``size`` nearest answers."""
+        best: Contact | None = None
+        for node_id, address in self.candidates.items():
+            if node_id in self.asked or banned(node_id):
+                continue
+            if best is None or node_id ^ self.target < best[0] ^ self.target:
+                best = (node_id, address)
+        if best is None:
+            return None
+        if len(self.answered) >= self.size:
+            kth = self.nearest_answered()[-1][0]
+            if best[0] ^ self.target >= kth ^ self.target:
+                return None
+        return best
+
+    def merge(self, records: Iterable[DHTRecord], holder: int) -> None:
+        got = False
+        for record in records:
+            got = True
+            if record.subkey is None:
+                if self.plain is None or record.expiration_time > self.plain.expiration_time:
+                    self.plain = record
+            else:
+                current = self.subkeys.get(record.subkey)
+                if current is None or record.expiration_time > current.expiration_time:
+                    self.subkeys[record.subkey] = record
+        if got:
+            self.holders.add(holder)
+
+    def result(self) -> list[DHTRecord]:
+        """Newest wins: a plain value that expires after every subkey replaces the dictionary."""
+        newest_subkey = max((r.expiration_time for r in self.subkeys.values()), default=float("-inf"))
+        if self.plain is not None and self.plain.expiration_time > newest_subkey:
+            return [self.plain]
+        return list(self.subkeys.values())
+
+
+class DHTNode:
+    """A Kademlia DHT node (asyncio). Create with :meth:`create`; stop with :meth:`shutdown`.
+
+    Args (of :meth:`create`):
+        initial_peers: addresses (``tcp://host:port``) of nodes already in the DHT.
+        endpoint: an endpoint to serve on (shared with the peer's other roles); one is made if None.
+        host, port, links: where a new endpoint binds and its link model.
+        identity: the node's key pair; its peer id is the node id.
+        client_mode: make requests but never enter other nodes' routing tables (peers behind NAT).
+        bucket_size: k; also how many nearest nodes a lookup settles on.
+        num_replicas: nodes each value is stored on (default: ``bucket_size``).
+        alpha: requests in flight per key during a lookup.
+        rpc_timeout: seconds to wait for one peer's answer.
+        refresh_period: buckets without traffic for this long are refreshed by a lookup.
+        cache_nearest: after a successful get, store the value on this many nearest nodes that lacked it.
+        record_validators: extra validators; signature checking of owned keys is always on.
+        max_storage_bytes, limits: bounds on what peers can make this node hold or parse.
+    """
+
+    def __init__(self) -> None:  # use DHTNode.create(...)
+        self.endpoint: Endpoint
+        self.identity: Identity
+        self.node_id: int
+        self.routing: RoutingTable
+        self.storage: LocalStorage
+        self.validator: CompositeValidator
+        self.client_mode = False
+        self.limits = Limits()
+        self._owns_endpoint = False
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+
+    @classmethod
+    async def create(
+        cls,
+        initial_peers: Sequence[str] = (),
+        *,
+        endpoint: Endpoint | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        links: LinkModel | None = None,
+        identity: Identity | None = None,
+        client_mode: bool = False,
+        bucket_size: int = 20,
+        num_replicas: int | None = None,
+        alpha: int = 3,
+        depth_modulo: int = 5,
+        max_failures: int = 3,
+        rpc_timeout: float = 3.0,
+        refresh_period: float = 600.0,
+        cache_nearest: int = 1,
+        record_validators: Iterable[RecordValidator] = (),
+        max_storage_bytes: int = 256 << 20,
+        limits: Limits | None = None,
+        ensure_bootstrap_success: bool = True,
+        seed: int | None = None,
+    ) -> "DHTNode":
+        self = cls()
+        self.identity = identity or Identity()
+        self.node_id = id_from_bytes(self.identity.peer_id)
+        self.client_mode = client_mode
+        self.bucket_size = bucket_size
+        self.num_replicas = num_replicas or bucket_size
+        self.alpha = alpha
+        self.rpc_timeout = rpc_timeout
+        self.refresh_period = refresh_period
+        self.cache_nearest = cache_nearest
+        self.limits = limits or Limits()
+        self.rng = random.Random(seed)
+        self.routing = RoutingTable(self.node_id, bucket_size, depth_modulo, max_failures)
+        self.storage = LocalStorage(max_bytes=max_storage_bytes)
+        validators = list(record_validators)
+        if not any(isinstance(v, SignatureValidator) for v in validators):
+            validators.append(SignatureValidator(self.identity))
+        self.validator = CompositeValidator(validators)
+        if endpoint is None:
+            endpoint = await Endpoint(host, port, links=links).start()
+            self._owns_endpoint = True
+        self.endpoint = endpoint
+        if not client_mode:
+            endpoint.register(PING, self._rpc_ping)
+            endpoint.register(STORE, self._rpc_store)
+            endpoint.register(FIND, self._rpc_find)
+        try:
+            await self.bootstrap(initial_peers, ensure_success=ensure_bootstrap_success)
+        except BaseException:
+            await self.shutdown()
+            raise
+        self._spawn(self._refresh_forever())
+        return self
+
+    # ------------------------------------------------------------------ identity and lifecycle
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.identity.peer_id
+
+    @property
+    def public_key(self) -> bytes:
+        return self.identity.public_key
+
+    def _me(self) -> list | None:
+        return None if self.client_mode else [id_to_bytes(self.node_id), self.endpoint.address]
+
+    async def shutdown(self) -> None:
+        """Stop background work and (if it owns it) the endpoint. Leaves without notice, like a crash."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._owns_endpoint:
+            await self.endpoint.close()
+        else:
+            for name in (PING, STORE, FIND):
+                self.endpoint.unregister(name)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def bootstrap(self, initial_peers: Sequence[str], ensure_success: bool = True) -> None:
+        """Ping the given peers, then look up our own id to fill the routing table around us."""
+        addresses = [a for a in initial_peers if a != getattr(self.endpoint, "_address", None)]
+        if not addresses:
+            return
+        answers = await asyncio.gather(*(self.ping(a) for a in addresses))
+        if not any(answers):
+            if ensure_success:
+                raise ConnectionError(f"none of the initial peers answered: {', '.join(addresses[:5])}")
+            logger.warning("none of the initial peers answered; starting a swarm of one")
+            return
+        await self.find_nearest([self.node_id])
+
+    async def ping(self, address: str) -> int | None:
+        """Ask ``address`` for its node id; adds it to the routing table. None if it did not answer."""
+        try:
+            reply = await self.endpoint.call(address, PING, {"from": self._me()}, timeout=self.rpc_timeout)
+            peer = protocol.parse_peer(reply.get("from") if isinstance(reply, dict) else None)
+        except (RPCError, ValueError) as e:
+            logger.debug("ping %s failed: %s", address, e)
+            return None
+        if peer is None:
+            return None
+        self._saw(*peer)
+        return peer[0]
+
+    # ------------------------------------------------------------------ serving
+
+    def _heard_from(self, payload: Any) -> None:
+        try:
+            peer = protocol.parse_peer(payload.get("from"))
+        except ValueError:
+            raise
+        if peer is not None:
+            self._saw(*peer)
+
+    def _saw(self, node_id: int, address: str) -> None:
+        if node_id == self.node_id:
+            return
+        lru = self.routing.add_or_update(node_id, address)
+        if lru is not None and self.routing.is_banned(lru) is False and not self._closed:
+            stale = self.routing.address_of(lru)
+            if stale is not None and len(self._tasks) < 64:
+                self._spawn(self._check_alive(lru, stale))
+
+    async def _check_alive(self, node_id: int, address: str) -> None:
+        """A full bucket met a newcomer: ping its oldest contact; if dead, the newcomer replaces it."""
+        try:
+            await self.endpoint.call(address, PING, {"from": self._me()}, timeout=self.rpc_timeout)
+            self.routing.add_or_update(node_id, address)
+        except RPCError:
+            self.routing.mark_failed(node_id)
+
+    def _rpc_ping(self, payload: Any, ctx: CallContext) -> dict:
+        if not isinstance(payload, dict):
+            raise ValueError("ping payload must be a map")
+        self._heard_from(payload)
+        return {"from": self._me()}
+
+    def _rpc_store(self, payload: Any, ctx: CallContext) -> dict:
+        if not isinstance(payload, dict):
+            raise ValueError("store payload must be a map")
+        records = protocol.parse_records(payload.get("records"), self.limits)
+        self._heard_from(payload)
+        return {"from": self._me(), "ok": [self._store_local(r) for r in records]}
+
+    def _store_local(self, record: DHTRecord) -> bool | str:
+        try:
+            self.validator.validate(record)
+        except RecordRejected as e:
+            return str(e)
+        return self.storage.store(id_of_key_bytes(record.key), record)
+
+    def _rpc_find(self, payload: Any, ctx: CallContext) -> dict:
+        if not isinstance(payload, dict):
+            raise ValueError("find payload must be a map")
+        key_ids = protocol.parse_key_ids(payload.get("keys"), self.limits)
+        self._heard_from(payload)
+        asker = payload["from"][0] if payload.get("from") else None
+        exclude = id_from_bytes(asker) if asker else None
+        want_values = payload.get("values", True) is not False
+        found = []
+        for target in key_ids:
+            records = [r.to_wire() for r in self.storage.get(target)] if want_values else []
+            nearest = [[id_to_bytes(i), a] for i, a in self.routing.nearest(target, self.bucket_size, exclude)]
+            found.append([records, nearest])
+        return {"from": self._me(), "found": found}
+
+    # ------------------------------------------------------------------ lookups
+
+    async def find_nearest(self, targets: Sequence[int], want_values: bool = False, latest: bool = False) -> dict[int, _Lookup]:
+        """Iterative parallel lookup of many ids at once; returns each id's final lookup state."""
+        lookups = {t: _Lookup(t, self.bucket_size) for t in dict.fromkeys(targets)}
+        for lookup in lookups.values():
+            lookup.candidates.update(self.routing.nearest(lookup.target, self.bucket_size))
+            if want_values:
+                lookup.merge(self.storage.get(lookup.target), self.node_id)
+
+        def finished(lookup: _Lookup) -> bool:
+            return want_values and not latest and lookup.found
+
+        running: set[asyncio.Task] = set()
+        request_keys: dict[asyncio.Task, tuple[int, str, list[int]]] = {}
+
+        def schedule() -> None:
+            batch: dict[Contact, list[int]] = defaultdict(list)
+            for lookup in lookups.values():
+                if finished(lookup):
+                    continue
+                while lookup.inflight < self.alpha:
+                    contact = lookup.next_candidate(self.routing.is_banned)
+                    if contact is None:
+                        break
+                    lookup.asked.add(contact[0])
+                    lookup.inflight += 1
+                    batch[contact].append(lookup.target)
+            for (node_id, address), keys in batch.items():
+                task = asyncio.get_running_loop().create_task(self._find_at(address, keys, want_values))
+                running.add(task)
+                request_keys[task] = (node_id, address, keys)
+
+        schedule()
+        try:
+            while running:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    running.discard(task)
+                    node_id, address, keys = request_keys.pop(task)
+                    answer = task.result()
+                    if answer is None:
+                        self.routing.mark_failed(node_id)
+                    else:
+                        responder, results = answer
+                        if responder is not None and responder[0] != node_id:
+                            self.routing.mark_failed(node_id)  # an address that answers with another id
+                            answer = None
+                        elif responder is not None:
+                            self._saw(*responder)
+                    for index, target in enumerate(keys):
+                        lookup = lookups[target]
+                        lookup.inflight -= 1
+                        if answer is None:
+                            continue
+                        records, nearest = answer[1][index]
+                        lookup.answered[node_id] = address
+                        lookup.merge(self._valid(records), node_id)
+                        for peer_id, peer_address in nearest:
+                            if peer_id != self.node_id and peer_id not in lookup.candidates:
+                                lookup.candidates[peer_id] = peer_address
+                schedule()
+        finally:
+            for task in running:
+                task.cancel()
+        return lookups
+
+    async def _find_at(self, address: str, keys: list[int], want_values: bool) -> tuple[Any, list] | None:
+        payload = {"from": self._me(), "keys": [id_to_bytes(k) for k in keys], "values": want_values}
+        try:
+            reply = await self.endpoint.call(address, FIND, payload, timeout=self.rpc_timeout)
+            if not isinstance(reply, dict):
+                raise ValueError("find reply must be a map")
+            responder = protocol.parse_peer(reply.get("from"))
+            return responder, protocol.parse_found(reply.get("found"), len(keys), self.limits)
+        except (RPCError, ValueError) as e:
+            logger.debug("find at %s failed: %s", address, e)
+            return None
+
+    def _valid(self, records: list[DHTRecord]) -> list[DHTRecord]:
+        good = []
+        for record in records:
+            try:
+                self.validator.validate(record)
+                good.append(record)
+            except RecordRejected as e:
+                logger.debug("dropping an invalid record: %s", e)
+        return good
+
+    # ------------------------------------------------------------------ store / get
+
+    async def store(
+        self, key: Any, value: Any, expiration_time: float, subkey: Any = None
+    ) -> bool:
+        """Store ``value`` under ``key`` (and ``subkey``) until ``expiration_time`` (``get_dht_time()`` clock).
+
+        Returns True if at least one of the nearest nodes accepted it: a store is refused where a
+        value that expires later is already held (newest wins).
+        """
+        return (await self.store_many([(key, value, expiration_time, subkey)]))[_key_slot(key, subkey)]
+
+    async def store_many(self, items: Iterable[tuple[Any, Any, float] | tuple[Any, Any, float, Any]]) -> dict:
+        """Store many ``(key, value, expiration_time[, subkey])`` with lookups shared across keys.
+
+        Returns ``{key: bool}``, or ``{(key, subkey): bool}`` for items with a subkey.
+        """
+        prepared: list[tuple[Any, int, DHTRecord]] = []
+        for item in items:
+            key, value, expiration_time, subkey = (*item, None) if len(item) == 3 else item
+            key_bytes = _pack(key)
+            record = DHTRecord(key_bytes, None if subkey is None else _pack(subkey), _pack(value), float(expiration_time))
+            signed = DHTRecord(record.key, record.subkey, self.validator.sign_value(record), record.expiration_time)
+            prepared.append((_key_slot(key, subkey), id_of_key_bytes(key_bytes), signed))
+        lookups = await self.find_nearest([target for _, target, _ in prepared])
+        per_node: dict[Contact, list[int]] = defaultdict(list)
+        outcome: dict[Any, bool] = {}
+        local: list[int] = []
+        for index, (slot, target, record) in enumerate(prepared):
+            outcome[slot] = False
+            nearest = lookups[target].nearest_answered()
+            me_first = [(self.node_id, "")] + nearest if not self.client_mode else nearest
+            me_first.sort(key=lambda c: c[0] ^ target)
+            for contact in me_first[: self.num_replicas]:
+                if contact[0] == self.node_id:
+                    local.append(index)
+                else:
+                    per_node[contact].append(index)
+        for index in local:
+            slot, _, record = prepared[index]
+            outcome[slot] = self._store_local(record) is True or outcome[slot]
+
+        async def send(contact: Contact, indices: list[int]) -> None:
+            payload = {"from": self._me(), "records": [prepared[i][2].to_wire() for i in indices]}
+            try:
+                reply = await self.endpoint.call(contact[1], STORE, payload, timeout=self.rpc_timeout)
+                verdicts = reply.get("ok") if isinstance(reply, dict) else None
+                if not isinstance(verdicts, list) or len(verdicts) != len(indices):
+                    raise ValueError("store reply must list one verdict per record")
+            except (RPCError, ValueError) as e:
+                logger.debug("store at %s failed: %s", contact[1], e)
+                self.routing.mark_failed(contact[0])
+                return
+            for i, verdict in zip(indices, verdicts):
+                if verdict is True:
+                    outcome[prepared[i][0]] = True
+                elif isinstance(verdict, str):
+                    logger.debug("store of %r refused by %s: %s", prepared[i][0], contact[1], verdict)
+
+        await asyncio.gather(*(send(c, idx) for c, idx in per_node.items()))
+        return outcome
+
+    async def get(self, key: Any, latest: bool = False) -> ValueWithExpiration | None:
+        """The value under ``key``, or None. A key with subkeys gives ``{subkey: ValueWithExpiration}``.
+
+        ``latest=True`` asks every one of the nearest nodes and returns the newest version (and, for
+        subkeys, the newest version of each subkey any of them holds).
+        """
+        return (await self.get_many([key], latest=latest))[key]
+
+    async def get_many(self, keys: Iterable[Any], latest: bool = False) -> dict[Any, ValueWithExpiration | None]:
+        """``get`` for many keys; lookups are shared between keys."""
+        keys = list(dict.fromkeys(keys))
+        targets = {key: key_id(key) for key in keys}
+        lookups = await self.find_nearest(list(targets.values()), want_values=True, latest=latest)
+        results: dict[Any, ValueWithExpiration | None] = {}
+        for key, target in targets.items():
+            lookup = lookups[target]
+            records = [r for r in lookup.result() if r.expiration_time > get_dht_time()]
+            results[key] = self._decode(records)
+            if records and self.cache_nearest:
+                lacking = [c for c in lookup.nearest_answered() if c[0] not in lookup.holders][: self.cache_nearest]
+                for contact in lacking:
+                    self._spawn(self._cache_at(contact, records))
+        return results
+
+    async def _cache_at(self, contact: Contact, records: list[DHTRecord]) -> None:
+        payload = {"from": self._me(), "records": [r.to_wire() for r in records]}
+        try:
+            await self.endpoint.call(contact[1], STORE, payload, timeout=self.rpc_timeout)
+        except RPCError:
+            self.routing.mark_failed(contact[0])
+
+    def _decode(self, records: list[DHTRecord]) -> ValueWithExpiration | None:
+        if not records:
+            return None
+        try:
+            if records[0].subkey is None:
+                record = records[0]
+                return ValueWithExpiration(_unpack(self.validator.strip_value(record)), record.expiration_time)
+            entries = {
+                _unpack(r.subkey): ValueWithExpiration(_unpack(self.validator.strip_value(r)), r.expiration_time)
+                for r in records
+            }
+        except (RecordRejected, ValueError, TypeError) as e:
+            logger.debug("undecodable record: %s", e)
+            return None
+        return ValueWithExpiration(entries, max(r.expiration_time for r in records))
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def _refresh_forever(self) -> None:
+        """Look up a random id in every bucket that saw no traffic for ``refresh_period``."""
+        while True:
+            await asyncio.sleep(self.refresh_period / 2 * (0.5 + self.rng.random()))
+            stale = self.routing.stale_buckets(self.refresh_period)
+            if stale:
+                targets = [random_id(b.low, b.high, self.rng) for b in stale]
+                try:
+                    await self.find_nearest(targets)
+                except Exception:  # never let maintenance kill the node
+                    logger.exception("bucket refresh failed")
+
+
+def _pack(value: Any) -> bytes:
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except TypeError as e:
+        raise TypeError(f"DHT keys and values must be msgpack-serializable: {e}") from None
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except Exception as e:
+        raise ValueError(f"undecodable DHT value: {e}") from None
+
+
+def _key_slot(key: Any, subkey: Any) -> Any:
+    return key if subkey is None else (key, subkey)
