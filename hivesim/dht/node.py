@@ -317,7 +317,7 @@ class DHTNode:
         for lookup in lookups.values():
             lookup.candidates.update(self.routing.nearest(lookup.target, self.bucket_size))
             if want_values:
-                lookup.merge(self.storage.get(lookup.target), self.node_id)
+                lookup.merge(self._valid(self.storage.get(lookup.target)), self.node_id)
 
         def finished(lookup: _Lookup) -> bool:
             return want_values and not latest and lookup.found

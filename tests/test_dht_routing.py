@@ -1,0 +1,58 @@
+import random
+
+import pytest
+
+from hivesim.dht.routing import MAX_ID, RoutingTable
+
+from dht_swarm import make_swarm, stop_all
+
+
+def test_buckets_split_around_own_id_and_keep_k():
+    rng = random.Random(0)
+    me = rng.randrange(MAX_ID)
+    table = RoutingTable(me, bucket_size=4, depth_modulo=5)
+    ids = [rng.randrange(MAX_ID) for _ in range(500)]
+    for i, node_id in enumerate(ids):
+        table.add_or_update(node_id, f"tcp://127.0.0.1:{1000 + i}")
+    assert all(len(b.nodes) <= 4 for b in table.buckets)
+    assert len(table.buckets) > 1
+    assert table.bucket_for(me).covers(me)
+    # the buckets tile the id space without gaps
+    assert table.buckets[0].low == 0 and table.buckets[-1].high == MAX_ID
+    assert all(a.high == b.low for a, b in zip(table.buckets, table.buckets[1:]))
+    # the nearest contacts we know are exactly the nearest of all we kept
+    target = rng.randrange(MAX_ID)
+    kept = [nid for b in table.buckets for nid in b.nodes]
+    assert [nid for nid, _ in table.nearest(target, 5)] == sorted(kept, key=lambda n: n ^ target)[:5]
+
+
+def test_dead_contacts_are_replaced_and_blacklisted():
+    table = RoutingTable(0, bucket_size=2, depth_modulo=1, max_failures=2, backoff=10.0)
+    far = [MAX_ID - 1, MAX_ID - 2, MAX_ID - 3]  # all in the far bucket, which may not split
+    table.add_or_update(1, "tcp://a:1")
+    for i, node_id in enumerate(far):
+        lru = table.add_or_update(node_id, f"tcp://far:{i}")
+    assert lru == far[0]  # full bucket: the oldest contact is the one to check
+    assert far[2] not in table
+    assert not table.mark_failed(far[0])  # one failure: kept but banned for a while
+    assert table.is_banned(far[0])
+    assert [n for n, _ in table.nearest(MAX_ID - 1, 3)][-1] == far[0]  # banned contacts come last
+    assert table.mark_failed(far[0])  # second failure: dropped, replaced by the waiting newcomer
+    assert far[0] not in table and far[2] in table
+    table.add_or_update(far[0], "tcp://far:0")  # a contact that answers again is forgiven
+    assert not table.is_banned(far[0])
+
+
+async def test_lookup_finds_the_true_nearest_nodes_in_a_swarm_of_50():
+    nodes = await make_swarm(50, seed=1, bucket_size=8)
+    try:
+        rng = random.Random(2)
+        all_ids = {n.node_id for n in nodes}
+        for _ in range(10):
+            searcher = rng.choice(nodes)
+            target = rng.randrange(MAX_ID)
+            lookup = (await searcher.find_nearest([target]))[target]
+            truth = sorted(all_ids - {searcher.node_id}, key=lambda n: n ^ target)[:8]
+            assert [nid for nid, _ in lookup.nearest_answered()] == truth
+    finally:
+        await stop_all(nodes)
