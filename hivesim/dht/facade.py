@@ -1,7 +1,9 @@
 """``DHT``: a blocking facade over :class:`DHTNode`, shaped like hivemind's so its scripts port easily.
 
-The node runs in a background thread with its own event loop (no subprocess); every method submits a
-coroutine there and waits for it, or returns a ``concurrent.futures.Future`` with ``return_future=True``.
+Nodes run in one background thread per process with its own event loop (no subprocess): every method
+submits a coroutine there and waits for it, or returns a ``concurrent.futures.Future`` with
+``return_future=True``. Sharing one loop among all the ``DHT`` objects of a process (a benchmark or a test
+may start dozens) avoids a thread per node fighting over the GIL; the thread ends with the last node.
 """
 
 from __future__ import annotations
@@ -17,6 +19,53 @@ from hivesim.dht.storage import ValueWithExpiration
 from hivesim.dht.validation import RecordValidator
 
 T = TypeVar("T")
+
+
+class _SharedLoop:
+    """A reference-counted event loop running in a daemon thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                started = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(started.set)
+                    loop.run_forever()
+                    pending = asyncio.all_tasks(loop)
+                    for task in pending:
+                        task.cancel()
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                    loop.close()
+
+                self._thread = threading.Thread(target=run, name="hivesim-dht-loop", daemon=True)
+                self._thread.start()
+                started.wait()
+                self._loop = loop
+            self._users += 1
+            return self._loop
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users > 0 or self._loop is None:
+                return
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not threading.current_thread():
+            thread.join(30)
+
+
+_shared_loop = _SharedLoop()
 
 
 class DHT:
@@ -47,43 +96,27 @@ class DHT:
         self._kwargs = dict(host=host, port=port, client_mode=client_mode, record_validators=list(record_validators), **node_kwargs)
         self.startup_timeout = startup_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._node: DHTNode | None = None
         if start:
             self.run_in_background()
 
     def run_in_background(self) -> None:
-        """Start the node's thread and wait until it has joined the DHT (raises if it could not)."""
-        if self._thread is not None:
+        """Start the node in the shared background loop and wait until it has joined the DHT."""
+        if self._node is not None:
             return
-        ready: Future = Future()
-        self._loop = asyncio.new_event_loop()
-
-        def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._node = self._loop.run_until_complete(DHTNode.create(self.initial_peers, **self._kwargs))
-            except BaseException as e:
-                ready.set_exception(e)
-                self._loop.close()
-                return
-            ready.set_result(None)
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._node.shutdown())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, name="hivesim-dht", daemon=True)
-        self._thread.start()
+        self._loop = _shared_loop.acquire()
+        future = asyncio.run_coroutine_threadsafe(DHTNode.create(self.initial_peers, **self._kwargs), self._loop)
         try:
-            ready.result(self.startup_timeout)
+            self._node = future.result(self.startup_timeout)
         except BaseException:
-            self._thread.join(5)
-            self._thread = None
+            future.cancel()
+            _shared_loop.release()
+            self._loop = None
             raise
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._node is not None and self._loop is not None
 
     @property
     def node(self) -> DHTNode:
@@ -133,13 +166,15 @@ class DHT:
         return self._submit(call(), return_future)
 
     def shutdown(self) -> None:
-        """Stop the node and its thread (idempotent)."""
-        if self._thread is None:
+        """Stop the node (idempotent); the shared loop thread ends with the last node of the process."""
+        node, loop = self._node, self._loop
+        if node is None or loop is None:
             return
-        if self._loop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
-        self._thread = None
+        self._node = self._loop = None
+        try:
+            asyncio.run_coroutine_threadsafe(node.shutdown(), loop).result(30)
+        finally:
+            _shared_loop.release()
 
     def __enter__(self) -> "DHT":
         return self

@@ -35,6 +35,15 @@ logger = logging.getLogger(__name__)
 Contact = tuple[int, str]
 
 
+@dataclass(frozen=True)
+class LookupStats:
+    """How one key's lookup went: its depth in hops, find requests sent, nodes that answered."""
+
+    hops: int
+    requests: int
+    answered: int
+
+
 @dataclass
 class _Lookup:
     """The state of one key's iterative lookup."""
@@ -48,6 +57,8 @@ class _Lookup:
     plain: DHTRecord | None = None
     subkeys: dict[bytes, DHTRecord] = field(default_factory=dict)
     holders: set[int] = field(default_factory=set)
+    depth: dict[int, int] = field(default_factory=dict)  # hops from us at which each candidate was learnt
+    requests: int = 0
 
     @property
     def found(self) -> bool:
@@ -86,6 +97,13 @@ class _Lookup:
         if got:
             self.holders.add(holder)
 
+    @property
+    def hops(self) -> int:
+        """Lookup depth: hops to the nearest holder of the value, else to the farthest of the k nearest."""
+        if self.holders:
+            return min(self.depth.get(h, 0) for h in self.holders)
+        return max((self.depth.get(n, 0) for n, _ in self.nearest_answered()), default=0)
+
     def result(self) -> list[DHTRecord]:
         """Newest wins: a plain value that expires after every subkey replaces the dictionary."""
         newest_subkey = max((r.expiration_time for r in self.subkeys.values()), default=float("-inf"))
@@ -104,7 +122,9 @@ class DHTNode:
         identity: the node's key pair; its peer id is the node id.
         client_mode: make requests but never enter other nodes' routing tables (peers behind NAT).
         bucket_size: k; also how many nearest nodes a lookup settles on.
-        num_replicas: nodes each value is stored on (default: ``bucket_size``).
+        num_replicas: nodes each value is stored on. 8 (hivemind uses 5) keeps the chance that all of a
+            value's replicas are among a third of the swarm failing at once at (1/3)^8 = 0.015%. A store
+            looks up this many nearest nodes; a get looks through the ``bucket_size`` nearest.
         alpha: requests in flight per key during a lookup.
         rpc_timeout: seconds to wait for one peer's answer.
         refresh_period: buckets without traffic for this long are refreshed by a lookup.
@@ -138,7 +158,7 @@ class DHTNode:
         identity: Identity | None = None,
         client_mode: bool = False,
         bucket_size: int = 20,
-        num_replicas: int | None = None,
+        num_replicas: int = 8,
         alpha: int = 3,
         depth_modulo: int = 5,
         max_failures: int = 3,
@@ -156,7 +176,7 @@ class DHTNode:
         self.node_id = id_from_bytes(self.identity.peer_id)
         self.client_mode = client_mode
         self.bucket_size = bucket_size
-        self.num_replicas = num_replicas or bucket_size
+        self.num_replicas = max(1, min(num_replicas, bucket_size))
         self.alpha = alpha
         self.rpc_timeout = rpc_timeout
         self.refresh_period = refresh_period
@@ -311,11 +331,18 @@ class DHTNode:
 
     # ------------------------------------------------------------------ lookups
 
-    async def find_nearest(self, targets: Sequence[int], want_values: bool = False, latest: bool = False) -> dict[int, _Lookup]:
-        """Iterative parallel lookup of many ids at once; returns each id's final lookup state."""
-        lookups = {t: _Lookup(t, self.bucket_size) for t in dict.fromkeys(targets)}
+    async def find_nearest(
+        self, targets: Sequence[int], want_values: bool = False, latest: bool = False, beam_size: int | None = None
+    ) -> dict[int, _Lookup]:
+        """Iterative parallel lookup of many ids at once; returns each id's final lookup state.
+
+        A key's lookup settles once its ``beam_size`` (default ``bucket_size``) nearest nodes have answered.
+        """
+        beam = beam_size or self.bucket_size
+        lookups = {t: _Lookup(t, beam) for t in dict.fromkeys(targets)}
         for lookup in lookups.values():
             lookup.candidates.update(self.routing.nearest(lookup.target, self.bucket_size))
+            lookup.depth.update({n: 1 for n in lookup.candidates})
             if want_values:
                 lookup.merge(self._valid(self.storage.get(lookup.target)), self.node_id)
 
@@ -336,6 +363,7 @@ class DHTNode:
                         break
                     lookup.asked.add(contact[0])
                     lookup.inflight += 1
+                    lookup.requests += 1
                     batch[contact].append(lookup.target)
             for (node_id, address), keys in batch.items():
                 task = asyncio.get_running_loop().create_task(self._find_at(address, keys, want_values))
@@ -370,6 +398,7 @@ class DHTNode:
                         for peer_id, peer_address in nearest:
                             if peer_id != self.node_id and peer_id not in lookup.candidates:
                                 lookup.candidates[peer_id] = peer_address
+                                lookup.depth[peer_id] = lookup.depth.get(node_id, 1) + 1
                 schedule()
         finally:
             for task in running:
@@ -422,7 +451,7 @@ class DHTNode:
             record = DHTRecord(key_bytes, None if subkey is None else _pack(subkey), _pack(value), float(expiration_time))
             signed = DHTRecord(record.key, record.subkey, self.validator.sign_value(record), record.expiration_time)
             prepared.append((_key_slot(key, subkey), id_of_key_bytes(key_bytes), signed))
-        lookups = await self.find_nearest([target for _, target, _ in prepared])
+        lookups = await self.find_nearest([target for _, target, _ in prepared], beam_size=self.num_replicas)
         per_node: dict[Contact, list[int]] = defaultdict(list)
         outcome: dict[Any, bool] = {}
         local: list[int] = []
@@ -468,14 +497,25 @@ class DHTNode:
         """
         return (await self.get_many([key], latest=latest))[key]
 
-    async def get_many(self, keys: Iterable[Any], latest: bool = False) -> dict[Any, ValueWithExpiration | None]:
-        """``get`` for many keys; lookups are shared between keys."""
+    async def lookup(self, key: Any, latest: bool = False) -> tuple[ValueWithExpiration | None, LookupStats]:
+        """``get`` that also says how the lookup went (hops, requests), for measurements."""
+        stats: dict[Any, LookupStats] = {}
+        value = (await self.get_many([key], latest=latest, stats=stats))[key]
+        return value, stats[key]
+
+    async def get_many(
+        self, keys: Iterable[Any], latest: bool = False, stats: dict[Any, "LookupStats"] | None = None
+    ) -> dict[Any, ValueWithExpiration | None]:
+        """``get`` for many keys; lookups are shared between keys. ``stats`` (if given) gets each key's
+        :class:`LookupStats`."""
         keys = list(dict.fromkeys(keys))
         targets = {key: key_id(key) for key in keys}
         lookups = await self.find_nearest(list(targets.values()), want_values=True, latest=latest)
         results: dict[Any, ValueWithExpiration | None] = {}
         for key, target in targets.items():
             lookup = lookups[target]
+            if stats is not None:
+                stats[key] = LookupStats(lookup.hops, lookup.requests, len(lookup.answered))
             records = [r for r in lookup.result() if r.expiration_time > get_dht_time()]
             results[key] = self._decode(records)
             if records and self.cache_nearest:

@@ -82,7 +82,8 @@ class ShapedLinks(LinkModel):
         jitter: extra delay drawn uniformly from ``[0, jitter)`` for every frame.
         uplink, downlink: bytes/s of this peer's links; ``None`` is unlimited.
         loss: probability that a message is dropped.
-        blocked: pairs of tags that cannot reach each other (a network partition); mutable.
+    Partitions are mutable at run time: ``blocked`` holds pairs of tags that cannot reach each other,
+    ``sides`` maps tags to a side number (absent = side 0) and drops traffic between different sides.
     """
 
     shaped = True
@@ -109,6 +110,7 @@ class ShapedLinks(LinkModel):
         self.loss = float(loss)
         self.default_latency = float(default_latency)
         self.blocked: set[frozenset[str]] = set()
+        self.sides: dict[str, int] = {}
         self._latency = latency
         self._rng = random.Random(f"{seed}:{tag}")
         self._up = TokenBucket(uplink, burst) if uplink else None
@@ -129,6 +131,8 @@ class ShapedLinks(LinkModel):
         return self.base_latency(src, dst) + extra
 
     def drop(self, src: str, dst: str) -> bool:
+        if self.sides and self.sides.get(src, 0) != self.sides.get(dst, 0):
+            return True
         if self.blocked and frozenset((src, dst)) in self.blocked:
             return True
         return self.loss > 0 and self._rng.random() < self.loss

@@ -67,6 +67,29 @@ class CallContext:
         return max(0.0, self.deadline - time.monotonic())
 
 
+class Lateness:
+    """Running summary of how late (seconds) the link shaper released held messages."""
+
+    __slots__ = ("count", "total", "worst", "over_1ms")
+
+    def __init__(self) -> None:
+        self.count, self.total, self.worst, self.over_1ms = 0, 0.0, 0.0, 0
+
+    def add(self, late: float) -> None:
+        self.count += 1
+        self.total += late
+        self.worst = max(self.worst, late)
+        self.over_1ms += late > 0.001
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "messages": self.count,
+            "mean_ms": 1e3 * self.total / self.count if self.count else 0.0,
+            "max_ms": 1e3 * self.worst,
+            "late_over_1ms": self.over_1ms,
+        }
+
+
 class _Incoming:
     """A message being received: its header, its buffers, and how many streamed bytes are missing."""
 
@@ -158,6 +181,7 @@ class Endpoint:
         self.chunk_size = chunk_size
         self.compression = compression
         self.stats: Counter[str] = Counter()
+        self.lateness = Lateness()  # how late shaped messages were released: the emulation's error
 
         self._handlers: dict[str, Handler] = {}
         self._router: zmq.asyncio.Socket | None = None
@@ -233,6 +257,7 @@ class Endpoint:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(RPCError("the endpoint was closed"))
+                fut.exception()  # its caller may be gone too: do not warn about it
         self._pending.clear()
         for incoming in self._incoming.values():
             if incoming.timer:
@@ -493,6 +518,7 @@ class Endpoint:
                 future = self._pending.get(rid)
                 if future is not None and not future.done():
                     future.set_exception(PeerUnreachable(f"{conn.address} disconnected during the call"))
+                    future.exception()
             if self._pool.get(conn.address) is conn:
                 self._pool.pop(conn.address)
                 self.stats["connections_closed"] += 1
@@ -540,7 +566,7 @@ class Endpoint:
         await self._shape(header, first_size)
         frames = [*prefix, msgpack.packb(header, use_bin_type=True), *(_frame(b) for b in inline)]
         try:
-            await asyncio.wait_for(sock.send_multipart(frames, copy=False), max(0.0, deadline - time.monotonic()))
+            await _send_frames(sock, frames, deadline)
         except zmq.ZMQError as e:
             raise PeerUnreachable(f"send failed: {e}") from None
         except asyncio.TimeoutError:
@@ -556,9 +582,7 @@ class Endpoint:
                 if left <= 0:
                     raise RPCTimeout("could not send before the deadline")
                 try:
-                    await asyncio.wait_for(
-                        sock.send_multipart([*prefix, msgpack.packb(chunk), _frame(piece)], copy=False), left
-                    )
+                    await _send_frames(sock, [*prefix, msgpack.packb(chunk), _frame(piece)], deadline)
                 except asyncio.TimeoutError:
                     raise RPCTimeout("could not send before the deadline") from None
                 except zmq.ZMQError as e:
@@ -698,9 +722,13 @@ class Endpoint:
         self.stats["bytes_received"] += incoming.nbytes
         wait = incoming.release_at - time.monotonic()
         if wait > 0:
-            asyncio.get_running_loop().call_later(wait, self._deliver, origin, incoming)
+            asyncio.get_running_loop().call_later(wait, self._deliver_held, origin, incoming)
         else:
             self._deliver(origin, incoming)
+
+    def _deliver_held(self, origin: bytes, incoming: _Incoming) -> None:
+        self.lateness.add(time.monotonic() - incoming.release_at)
+        self._deliver(origin, incoming)
 
     def _deliver(self, origin: bytes, incoming: _Incoming) -> None:
         if self._closed:
@@ -728,6 +756,18 @@ class Endpoint:
             self._pending_bytes -= incoming.missing
             if incoming.timer:
                 incoming.timer.cancel()
+
+
+async def _send_frames(sock: zmq.asyncio.Socket, frames: list, deadline: float) -> None:
+    """Send with a deadline. A socket closed under the send (its peer disconnected) cancels pyzmq's
+    future; that is a dead peer, not a cancellation of the caller."""
+    try:
+        await asyncio.wait_for(sock.send_multipart(frames, copy=False), max(0.0, deadline - time.monotonic()))
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise PeerUnreachable("the connection closed while sending") from None
 
 
 def _tune(sock: zmq.asyncio.Socket) -> None:

@@ -54,7 +54,7 @@ class Packed:
 
 def pack(obj: Any, compression: Any = None) -> Packed:
     """Pack ``obj``; ``compression`` is None, a codec name, a Codec or a SizeAdaptiveCompression."""
-    choose: Callable[[torch.Tensor], Codec] = as_policy(compression)
+    policy: list[Callable[[torch.Tensor], Codec]] = []  # resolved on the first tensor: most messages have none
     buffers: list[torch.Tensor] = []
 
     def default(value: Any) -> msgpack.ExtType:
@@ -64,7 +64,9 @@ def pack(obj: Any, compression: Any = None) -> Packed:
                 tensor = tensor.cpu()
             if tensor.dtype not in _TORCH_DTYPE_NAMES:
                 raise TypeError(f"cannot send tensors of dtype {tensor.dtype}")
-            codec = choose(tensor)
+            if not policy:
+                policy.append(as_policy(compression))
+            codec = policy[0](tensor)
             payload, meta = codec.encode(tensor)
             buffers.append(payload)
             desc = [len(buffers) - 1, _TORCH_DTYPE_NAMES[tensor.dtype], list(tensor.shape), codec.name, meta]

@@ -1,0 +1,444 @@
+"""The experiment runner: topology in, results folder out.
+
+It starts a local Ray by itself unless given a cluster, places peers in :class:`PeerHost` actors,
+bootstraps the DHT, starts the workload, replays the seeded churn/fault schedule, collects every
+peer's metrics as it goes (a peer about to be killed is drained first, so its metrics survive it),
+and always cleans up — on success, failure or Ctrl-C — before writing the results folder:
+
+    <results_dir>/<name>-<YYYYmmdd-HHMMSS>/
+        config.yaml     the resolved topology (after overrides)
+        events.jsonl    churn and fault events: scheduled time, actual time, what happened
+        samples.jsonl   every measurement every peer took (the workload's metrics)
+        peers.jsonl     per peer incarnation: counters, RPC statistics, shaper error
+        summary.json    the run's headline numbers
+        *.png           figures made by ``analysis/<workload>.py``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+
+from hivesim.net.identity import Identity
+from hivesim.sim.actor import PeerHost
+from hivesim.sim.network import LatencyModel, emulated_bandwidth, link_params
+from hivesim.sim.progress import Progress
+from hivesim.sim.schedule import Event, build_schedule
+from hivesim.sim.topology import Topology, TopologyError, load_topology
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    """What a run collected; handed to the workload's ``summarize`` and the analysis figures."""
+
+    topology: Topology
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    peers: list[dict[str, Any]] = field(default_factory=list)
+    started_at: float = 0.0
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [s for s in self.samples if s["name"] == name]
+
+
+@dataclass
+class _Slot:
+    """A peer name and where it currently lives."""
+
+    name: str
+    group: str
+    host: Any = None  # the actor handle
+    alive: bool = False
+    address: str = ""
+    identity: bytes = b""
+    incarnation: int = 0
+
+
+def run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, results_dir: str | None = None,
+        address: str | None = None, progress: bool = True) -> Path:
+    """Run the topology at ``path``; returns the results folder."""
+    topology, resolved = load_topology(path, overrides)
+    runner = Runner(topology, resolved, Path(path), results_dir=results_dir, address=address, progress=progress)
+    return asyncio.run(runner.run())
+
+
+class Runner:
+    def __init__(self, topology: Topology, resolved: dict[str, Any], source: Path, *, results_dir: str | None = None,
+                 address: str | None = None, progress: bool = True) -> None:
+        self.topology = topology
+        self.resolved = resolved
+        self.source = source
+        self.address = address if address is not None else topology.ray.address
+        self.shaping = topology.network.shaping and self.address is None
+        root = Path(results_dir or topology.results_dir)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.run_dir = root / f"{topology.name}-{stamp}"
+        self.progress = Progress(topology.duration, enabled=progress)
+        self.rng = random.Random(f"{topology.seed}:runner")
+        self.data = RunData(topology)
+        self.slots: dict[str, _Slot] = {}
+        self.hosts: list[Any] = []
+        self.started_ray = False
+        self.workload = _load_workload(topology.workload.module)
+        self.summary: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ the run
+
+    async def run(self) -> Path:
+        topology = self.topology
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
+        schedule = build_schedule(topology)
+        latency, link_kwargs, stragglers = link_params(topology, topology.seed) if self.shaping else (None, {}, set())
+        self.summary["host"] = await self._check_host_bandwidth(link_kwargs)
+        self._events = open(self.run_dir / "events.jsonl", "w")
+        self._samples = open(self.run_dir / "samples.jsonl", "w")
+        interrupted = False
+        error: BaseException | None = None
+        wall = time.time()
+        try:
+            self._start_ray()
+            self.progress.note(f"starting {len(topology.peer_names())} peers")
+            await self._create_slots(latency, link_kwargs, stragglers)
+            await self._bootstrap()
+            await self._start_workload(list(self.slots))
+            self.data.started_at = time.time()
+            await self._main_loop(schedule)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            interrupted = True
+            self.progress.note("interrupted: stopping every peer and writing what was collected")
+        except BaseException as e:
+            error = e
+        finally:
+            try:
+                await asyncio.shield(self._finish())
+            except BaseException as e:  # never leave Ray behind
+                logger.error("cleanup failed: %r", e)
+            self._shutdown_ray()
+            self._events.close()
+            self._samples.close()
+        self.summary.update(self._summarize(time.time() - wall, interrupted, error))
+        (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str))
+        figures = self._figures()
+        self.progress.done(self.summary, self.run_dir, figures)
+        if error is not None:
+            raise error
+        return self.run_dir
+
+    def _start_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        wanted = sum(g.num_cpus * math.ceil(g.count / g.peers_per_actor) for g in self.topology.groups.values())
+        root = str(Path.cwd())
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))}}
+        kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True, runtime_env=env)
+        if self.address is None:
+            # logical CPUs are bookkeeping: let every fractional actor fit on this machine
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(wanted), int(self.topology.ray.num_cpus or 0))
+        else:
+            kwargs["address"] = self.address
+        ray.init(**kwargs)
+        self.started_ray = True
+
+    def _shutdown_ray(self) -> None:
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    async def _check_host_bandwidth(self, link_kwargs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Refuse a topology whose shaped links together would move more than this host can."""
+        emulated = emulated_bandwidth(link_kwargs) if link_kwargs else None
+        info: dict[str, Any] = {"emulated_uplink_total_Bps": emulated}
+        if emulated is None or not self.topology.network.check_host_bandwidth:
+            return info
+        measured = await _measure_loopback()
+        info["measured_loopback_Bps"] = measured
+        if emulated > 0.5 * measured:
+            raise TopologyError(
+                f"the topology's uplinks add up to {emulated / 1e6:.0f} MB/s, but this host moves about "
+                f"{measured / 1e6:.0f} MB/s over loopback: the emulation would not be faithful. Lower the "
+                "bandwidths, use fewer peers, or set network.check_host_bandwidth=false to run anyway."
+            )
+        return info
+
+    async def _create_slots(self, latency: LatencyModel | None, link_kwargs: dict, stragglers: set[str]) -> None:
+        remote = ray.remote(PeerHost)
+        latency_ref = ray.put(latency) if latency is not None else None
+        cluster = self.address is not None
+        self._remote, self._latency_ref = remote, latency_ref
+        for group, spec in self.topology.groups.items():
+            names = [f"{group}.{i}" for i in range(spec.count)]
+            for start in range(0, len(names), spec.peers_per_actor):
+                host = self._new_host(group)
+                for name in names[start : start + spec.peers_per_actor]:
+                    self.slots[name] = _Slot(name, group, host, identity=Identity().private_bytes())
+        self._link_kwargs = link_kwargs
+        self._stragglers = stragglers
+        await asyncio.gather(*(h.ready.remote() for h in self.hosts))
+
+    def _new_host(self, group: str) -> Any:
+        spec = self.topology.groups[group]
+        cluster = self.address is not None
+        options: dict[str, Any] = {"num_cpus": spec.num_cpus, "max_restarts": 0}
+        if spec.resources:
+            options["resources"] = {k: v for k, v in spec.resources.items() if k not in ("CPU", "GPU")}
+            if "GPU" in spec.resources:
+                options["num_gpus"] = spec.resources["GPU"]
+        host = self._remote.options(**options).remote(self._latency_ref, "0.0.0.0" if cluster else "127.0.0.1", None)
+        self.hosts.append(host)
+        return host
+
+    def _peer_spec(self, slot: _Slot) -> dict[str, Any]:
+        group = self.topology.groups[slot.group]
+        return {
+            "roles": group.roles,
+            "dht": group.dht,
+            "links": self._link_kwargs.get(slot.name) if self.shaping else None,
+            "identity": slot.identity,
+            "slowdown": 4.0 if slot.name in self._stragglers else 1.0,
+        }
+
+    async def _start_peer(self, slot: _Slot, initial: list[str]) -> None:
+        slot.address = await slot.host.start_peer.remote(slot.name, self._peer_spec(slot), initial)
+        slot.alive = True
+        slot.incarnation += 1
+
+    async def _bootstrap(self) -> None:
+        """First peer alone, then waves that join through random peers already up."""
+        order = list(self.slots.values())
+        deadline = time.monotonic() + self.topology.bootstrap_timeout
+        await self._start_peer(order[0], [])
+        up = [order[0].address]
+        wave = 8
+        for start in range(1, len(order), wave):
+            batch = order[start : start + wave]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"bootstrap took longer than {self.topology.bootstrap_timeout} s")
+            await asyncio.wait_for(
+                asyncio.gather(*(self._start_peer(s, self.rng.sample(up, min(3, len(up)))) for s in batch)), left
+            )
+            up += [s.address for s in batch]
+            self.progress.note(f"bootstrapped {len(up)}/{len(order)} peers")
+
+    async def _start_workload(self, names: list[str]) -> None:
+        spec = self.topology.workload
+        role = f"{spec.module}:ROLE"
+        chosen = [n for n in names if spec.groups is None or self.slots[n].group in spec.groups]
+        await asyncio.gather(*(self.slots[n].host.add_role.remote(n, role, spec.params) for n in chosen if self.slots[n].alive))
+
+    async def _main_loop(self, schedule: list[Event]) -> None:
+        start = time.monotonic()
+        pending = list(schedule)
+        next_collect = start + self.topology.collect_every
+        while True:
+            now = time.monotonic()
+            elapsed = now - start
+            while pending and pending[0].t <= elapsed:
+                await self._apply(pending.pop(0), elapsed)
+            if now >= next_collect:
+                await self._collect()
+                next_collect = now + self.topology.collect_every
+            alive = sum(s.alive for s in self.slots.values())
+            self.progress.update(elapsed, alive, len(self.slots), self._headline())
+            if elapsed >= self.topology.duration:
+                break
+            wake = min(start + self.topology.duration, next_collect, start + pending[0].t if pending else math.inf)
+            await asyncio.sleep(max(0.0, min(0.5, wake - time.monotonic())))
+
+    async def _apply(self, event: Event, elapsed: float) -> None:
+        record = {**event.to_dict(), "actual_t": round(elapsed, 3), "wall": time.time()}
+        try:
+            if event.action == "kill":
+                await self._kill(self.slots[event.peer], graceful=event.mode == "graceful")
+            elif event.action == "join":
+                await self._rejoin(self.slots[event.peer], same_identity=event.identity == "same")
+            elif event.action in ("partition", "heal"):
+                sides = {p: 1 for p in event.peers} if event.action == "partition" else {}
+                await asyncio.gather(*(h.set_sides.remote(sides) for h in self._live_hosts()))
+            record["ok"] = True
+        except Exception as e:
+            record["ok"] = False
+            record["error"] = repr(e)
+            logger.warning("event %s failed: %r", event, e)
+        self.data.events.append(record)
+        self._events.write(json.dumps(record) + "\n")
+        self._events.flush()
+
+    async def _kill(self, slot: _Slot, graceful: bool) -> None:
+        if not slot.alive:
+            return
+        alone = sum(1 for s in self.slots.values() if s.host is slot.host and s.alive) == 1
+        if graceful or not alone:
+            await slot.host.stop_peer.remote(slot.name, graceful)
+            await self._collect([slot.host])
+        else:
+            await self._collect([slot.host])  # its metrics must not die with it
+            ray.kill(slot.host, no_restart=True)  # the process vanishes: no goodbye
+            self.hosts.remove(slot.host)
+            slot.host = None
+        slot.alive = False
+
+    async def _rejoin(self, slot: _Slot, same_identity: bool) -> None:
+        if slot.alive:
+            return
+        if slot.host is None:
+            slot.host = self._new_host(slot.group)
+            await slot.host.ready.remote()
+        if not same_identity:
+            slot.identity = Identity().private_bytes()
+        live = [s.address for s in self.slots.values() if s.alive]
+        await self._start_peer(slot, self.rng.sample(live, min(3, len(live))))
+        await self._start_workload([slot.name])
+
+    def _live_hosts(self) -> list[Any]:
+        return list({id(s.host): s.host for s in self.slots.values() if s.host is not None}.values())
+
+    async def _collect(self, hosts: list[Any] | None = None) -> None:
+        hosts = hosts if hosts is not None else self._live_hosts()
+        results = await asyncio.gather(*(h.drain.remote() for h in hosts), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.warning("could not collect metrics from an actor: %r", result)
+                continue
+            for item in result:
+                for sample in item["samples"]:
+                    self._samples.write(json.dumps(sample) + "\n")
+                self.data.samples.extend(item["samples"])
+                self.data.events.extend({**e, "source": "peer"} for e in item["events"])
+                self._note_peer(item)
+        self._samples.flush()
+
+    def _note_peer(self, item: dict[str, Any]) -> None:
+        """Keep the latest counters of each peer incarnation."""
+        slot = self.slots.get(item["peer"])
+        key = (item["peer"], slot.incarnation if slot else 0)
+        for existing in self.data.peers:
+            if (existing["peer"], existing["incarnation"]) == key:
+                existing.update(counters=item["counters"], rpc=item.get("rpc"), shaping=item.get("shaping"))
+                return
+        self.data.peers.append({"peer": item["peer"], "incarnation": key[1], "counters": item["counters"],
+                                "rpc": item.get("rpc"), "shaping": item.get("shaping")})
+
+    async def _finish(self) -> None:
+        hosts = self._live_hosts()
+        if not hosts:
+            return
+        memory = await asyncio.gather(*(h.memory.remote() for h in hosts), return_exceptions=True)
+        self.summary["actors"] = [m for m in memory if isinstance(m, dict)]
+        await self._collect(hosts)
+        await asyncio.gather(*(h.stop_all.remote(True) for h in hosts), return_exceptions=True)
+        await self._collect(hosts)
+        for host in hosts:
+            ray.kill(host, no_restart=True)
+        self.hosts.clear()
+        with open(self.run_dir / "peers.jsonl", "w") as f:
+            for peer in self.data.peers:
+                f.write(json.dumps(peer) + "\n")
+
+    # ------------------------------------------------------------------ reporting
+
+    def _headline(self) -> str:
+        headline = getattr(self.workload, "headline", None)
+        if headline is None:
+            return ""
+        try:
+            return headline(self.data)
+        except Exception:
+            return ""
+
+    def _summarize(self, wall: float, interrupted: bool, error: BaseException | None) -> dict[str, Any]:
+        actors = self.summary.get("actors", [])
+        out: dict[str, Any] = {
+            "name": self.topology.name,
+            "seed": self.topology.seed,
+            "peers": len(self.slots),
+            "actors": len(actors),
+            "duration_s": self.topology.duration,
+            "wall_time_s": round(wall, 1),
+            "interrupted": interrupted,
+            "error": repr(error) if error else None,
+            "events": {k: sum(1 for e in self.data.events if e.get("action") == k) for k in ("kill", "join", "partition", "heal")},
+            "memory_mib": {
+                "actors_total": round(sum(a["rss_mib"] for a in actors), 1),
+                "per_actor_mean": round(sum(a["rss_mib"] for a in actors) / len(actors), 1) if actors else None,
+            },
+            "shaper": _shaper_summary(self.data.peers) if self.shaping else None,
+            "link_shaping": self.shaping,
+        }
+        summarize = getattr(self.workload, "summarize", None)
+        if summarize is not None:
+            try:
+                out["workload"] = summarize(self.data)
+            except Exception as e:
+                out["workload"] = {"error": f"summarize failed: {e!r}"}
+        out["host"] = self.summary.get("host")
+        return out
+
+    def _figures(self) -> list[Path]:
+        name = self.topology.workload.module.rsplit(".", 1)[-1]
+        try:
+            analysis = importlib.import_module(f"analysis.{name}")
+        except ModuleNotFoundError:
+            return []
+        try:
+            return list(analysis.make_figures(self.run_dir))
+        except Exception as e:
+            logger.warning("figures failed: %r", e)
+            return []
+
+
+def _load_workload(module_name: str) -> Any:
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise TopologyError(f"workload.module: cannot import {module_name!r} ({e}); run from the repository root") from None
+    if not hasattr(module, "ROLE"):
+        raise TopologyError(f"workload.module: {module_name} has no ROLE (the Role each peer runs)")
+    return module
+
+
+def _shaper_summary(peers: list[dict[str, Any]]) -> dict[str, Any]:
+    shaped = [p["shaping"] for p in peers if p.get("shaping")]
+    count = sum(s["messages"] for s in shaped)
+    return {
+        "held_messages": count,
+        "mean_late_ms": round(sum(s["mean_ms"] * s["messages"] for s in shaped) / count, 3) if count else 0.0,
+        "max_late_ms": round(max((s["max_ms"] for s in shaped), default=0.0), 3),
+        "share_late_over_1ms": round(sum(s["late_over_1ms"] for s in shaped) / count, 4) if count else 0.0,
+    }
+
+
+async def _measure_loopback(nbytes: int = 32 << 20) -> float:
+    """Bytes/s one ZeroMQ endpoint moves to another in this process: what shaping can count on."""
+    import torch
+
+    from hivesim.net.rpc import Endpoint
+
+    async with Endpoint() as a, Endpoint() as b:
+        b.register("sink", lambda payload, ctx: None)
+        payload = torch.zeros(nbytes, dtype=torch.uint8)
+        await a.call(b.address, "sink", payload[:1024])
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            await a.call(b.address, "sink", payload, timeout=60)
+            best = min(best, time.perf_counter() - t0)
+    return nbytes / best
