@@ -16,7 +16,8 @@ from typing import Any
 
 from hivesim.net.identity import Identity
 from hivesim.peer import Peer
-from hivesim.sim.network import LatencyModel, make_links
+from hivesim.net.links import ShapedLinks
+from hivesim.sim.latency import LatencyModel
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class PeerHost:
         """Start peer ``name``; returns its address. ``spec``: roles, dht, links (or None), identity."""
         links = None
         if spec.get("links") is not None and self.latency is not None:
-            links = make_links(name, self.latency, spec["links"])
+            links = ShapedLinks(name, self.latency, **spec["links"])
             links.sides = self.sides
         identity = Identity.from_private_bytes(spec["identity"]) if spec.get("identity") else None
         peer = Peer(

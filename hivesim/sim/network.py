@@ -16,28 +16,8 @@ import networkx as nx
 import numpy as np
 from scipy.sparse.csgraph import shortest_path
 
-from hivesim.net.links import ShapedLinks
+from hivesim.sim.latency import LatencyModel
 from hivesim.sim.topology import LatencySpec, Topology, TopologyError
-
-
-@dataclass
-class LatencyModel:
-    """``latency(src, dst) = matrix[pos[src]][pos[dst]] * max(factor[src], factor[dst])``; picklable."""
-
-    positions: dict[str, int]
-    matrix: list[list[float]]
-    factors: dict[str, float] = field(default_factory=dict)
-
-    def __call__(self, src: str, dst: str) -> float:
-        a, b = self.positions.get(src), self.positions.get(dst)
-        if a is None or b is None:
-            return 0.0
-        factor = max(self.factors.get(src, 1.0), self.factors.get(dst, 1.0))
-        return self.matrix[a][b] * factor
-
-    def mean(self) -> float:
-        values = [self(a, b) for a in self.positions for b in self.positions if a != b][:100000]
-        return float(np.mean(values)) if values else 0.0
 
 
 def build_latency(topology: Topology, seed: int) -> LatencyModel:
@@ -136,10 +116,6 @@ def link_params(topology: Topology, seed: int) -> tuple[LatencyModel, dict[str, 
                 "seed": seed,
             }
     return latency, params, set(stragglers)
-
-
-def make_links(name: str, latency: LatencyModel, params: dict[str, Any]) -> ShapedLinks:
-    return ShapedLinks(name, latency, **params)
 
 
 def emulated_bandwidth(params: dict[str, dict[str, Any]]) -> float | None:

@@ -147,7 +147,7 @@ class Runner:
         wanted = sum(g.num_cpus * math.ceil(g.count / g.peers_per_actor) for g in self.topology.groups.values())
         root = str(Path.cwd())
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))}}
-        kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True, runtime_env=env)
+        kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False, runtime_env=env)
         if self.address is None:
             # logical CPUs are bookkeeping: let every fractional actor fit on this machine
             kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(wanted), int(self.topology.ray.num_cpus or 0))
@@ -220,7 +220,9 @@ class Runner:
 
     async def _bootstrap(self) -> None:
         """First peer alone, then waves that join through random peers already up."""
-        order = list(self.slots.values())
+        order = [s for s in self.slots.values() if self.topology.groups[s.group].join_at == 0]
+        if not order:
+            raise TopologyError("every group has a join_at: at least one group must start at time 0")
         deadline = time.monotonic() + self.topology.bootstrap_timeout
         await self._start_peer(order[0], [])
         up = [order[0].address]

@@ -47,7 +47,7 @@ def build_schedule(topology: Topology) -> list[Event]:
     events: list[Event] = []
     if churn.lifetime is not None:
         for peer in churning:
-            t = 0.0
+            t = topology.groups[peer.rsplit(".", 1)[0]].join_at
             while True:
                 t += draw_lifetime(churn.lifetime, rng)
                 if t >= duration:
@@ -69,10 +69,15 @@ def build_schedule(topology: Topology) -> list[Event]:
         events.append(Event(p.at, "partition", peers=side, cause="partition"))
         events.append(Event(p.at + p.duration, "heal", peers=side, cause="partition"))
 
+    late = [f"{g}.{i}" for g, spec in topology.groups.items() if spec.join_at > 0 for i in range(spec.count)]
+    for group, spec in topology.groups.items():
+        if 0 < spec.join_at < duration:
+            events += [Event(spec.join_at, "join", f"{group}.{i}", cause="join_at") for i in range(spec.count)]
+
     events.sort(key=lambda e: (e.t, e.action, e.peer))
     # Replay in time order; scheduled kills choose among the peers alive at their time.
     kills = sorted(churn.kills, key=lambda k: k.at)
-    alive = set(topology.peer_names())
+    alive = set(topology.peer_names()) - set(late)
     final: list[Event] = []
     pending = list(events)
     while pending or kills:

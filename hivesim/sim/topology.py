@@ -62,6 +62,7 @@ class GroupSpec(_Strict):
     peers_per_actor: int = Field(default=1, ge=1)
     dht: dict[str, Any] = Field(default_factory=dict)
     churn: bool = True
+    join_at: float = Field(default=0.0, ge=0)
 
     _rates = field_validator("uplink", "downlink", mode="before")(lambda cls, v: parse_rate(v))
 

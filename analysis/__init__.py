@@ -1,0 +1,1 @@
+"""Figures and tables from results folders. ``analysis.<workload>.make_figures(run_dir)`` -> PNG paths."""
