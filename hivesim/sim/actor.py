@@ -97,6 +97,24 @@ class PeerHost:
             current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         return {"pid": os.getpid(), "rss_mib": current, "peak_mib": rss, "peers": len(self.peers)}
 
+    async def dht_get(self, name: str, key: Any, latest: bool = False) -> Any:
+        """Read a key through peer ``name``'s DHT node (for checks from the driver)."""
+        found = await self.peers[name].dht.get(key, latest=latest)
+        return None if found is None else found.value
+
+    async def measure_rtt(self, name: str, address: str, count: int = 5) -> list[float]:
+        """Round-trip times (s) of DHT pings from peer ``name`` to ``address``: what shaping produced."""
+        import time
+
+        from hivesim.dht.protocol import PING
+
+        peer, out = self.peers[name], []
+        for _ in range(count):
+            t0 = time.monotonic()
+            await peer.endpoint.call(address, PING, {"from": None}, timeout=10)
+            out.append(time.monotonic() - t0)
+        return out
+
     def ready(self) -> bool:
         return True
 
