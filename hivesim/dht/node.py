@@ -399,6 +399,8 @@ class DHTNode:
                             if peer_id != self.node_id and peer_id not in lookup.candidates:
                                 lookup.candidates[peer_id] = peer_address
                                 lookup.depth[peer_id] = lookup.depth.get(node_id, 1) + 1
+                if want_values and not latest and all(finished(lookup) for lookup in lookups.values()):
+                    break  # every value is found: the requests still out cannot improve the answer
                 schedule()
         finally:
             for task in running:
