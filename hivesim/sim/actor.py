@@ -28,6 +28,10 @@ class PeerHost:
     def __init__(self, latency: LatencyModel | None, host: str = "127.0.0.1", advertise_host: str | None = None) -> None:
         self.latency = latency
         self.host = host
+        if host == "0.0.0.0" and advertise_host is None:  # on a cluster: others reach us at the node's address
+            import ray
+
+            advertise_host = ray.util.get_node_ip_address()
         self.advertise_host = advertise_host
         self.peers: dict[str, Peer] = {}
         self.finished: list[dict[str, Any]] = []  # metrics of peers that left, not yet drained
