@@ -1,4 +1,4 @@
-"""Message bodies: msgpack for structure, raw buffers for tensors and arrays. Never pickle.
+"""Message bodies: msgpack for structure, raw buffers for tensors and arrays; nothing is ever pickled.
 
 ``pack(obj)`` walks any msgpack-able structure; every ``torch.Tensor`` or ``numpy.ndarray`` in it is
 replaced by a msgpack extension that describes it (buffer index, dtype, shape, codec and the codec's
