@@ -270,10 +270,7 @@ class DHTNode:
     # ------------------------------------------------------------------ serving
 
     def _heard_from(self, payload: Any) -> None:
-        try:
-            peer = protocol.parse_peer(payload.get("from"))
-        except ValueError:
-            raise
+        peer = protocol.parse_peer(payload.get("from"))  # ValueError reaches the caller as a RemoteError
         if peer is not None:
             self._saw(*peer)
 
@@ -281,7 +278,7 @@ class DHTNode:
         if node_id == self.node_id:
             return
         lru = self.routing.add_or_update(node_id, address)
-        if lru is not None and self.routing.is_banned(lru) is False and not self._closed:
+        if lru is not None and not self.routing.is_banned(lru) and not self._closed:
             stale = self.routing.address_of(lru)
             if stale is not None and len(self._tasks) < 64:
                 self._spawn(self._check_alive(lru, stale))

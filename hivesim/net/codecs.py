@@ -119,6 +119,12 @@ class Codec:
     def decode(self, payload: torch.Tensor, meta: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
 
+    def _encodable(self, tensor: torch.Tensor) -> torch.Tensor:
+        t = _check_input(tensor)
+        if not self.applies_to(t.dtype):
+            raise ValueError(f"codec {self.name!r} does not apply to {t.dtype}")
+        return t
+
     def _check_decode_args(self, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
         if not self.applies_to(dtype):
             raise ValueError(f"codec {self.name!r} does not apply to {dtype}")
@@ -168,9 +174,7 @@ class Float16Codec(Codec):
     name = "float16"
 
     def encode(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        t = _check_input(tensor)
-        if not self.applies_to(t.dtype):
-            raise ValueError(f"codec {self.name!r} does not apply to {t.dtype}")
+        t = self._encodable(tensor)
         # Cast first (copy=True: never touch the caller's tensor), then clamp the half-size result in place:
         # values >= 65520 became inf and are clamped back to 65504. clamp keeps NaN.
         half = t.to(torch.float16, memory_format=torch.contiguous_format, copy=True)
@@ -191,9 +195,7 @@ class Uniform8Codec(Codec):
     name = "uniform8"
 
     def encode(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        t = _check_input(tensor)
-        if not self.applies_to(t.dtype):
-            raise ValueError(f"codec {self.name!r} does not apply to {t.dtype}")
+        t = self._encodable(tensor)
         flat = t.reshape(-1)
         n = flat.numel()
         payload = torch.empty(n, dtype=torch.uint8)
@@ -256,9 +258,7 @@ class Quantile8Codec(Codec):
     TABLE_BYTES = 256 * 4
 
     def encode(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        t = _check_input(tensor)
-        if not self.applies_to(t.dtype):
-            raise ValueError(f"codec {self.name!r} does not apply to {t.dtype}")
+        t = self._encodable(tensor)
         flat = t.reshape(-1)
         n = flat.numel()
         payload = torch.empty(self.TABLE_BYTES + n, dtype=torch.uint8)
@@ -329,9 +329,7 @@ class Blockwise8Codec(Codec):
     BLOCK = 4096
 
     def encode(self, tensor: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        t = _check_input(tensor)
-        if not self.applies_to(t.dtype):
-            raise ValueError(f"codec {self.name!r} does not apply to {t.dtype}")
+        t = self._encodable(tensor)
         flat = t.reshape(-1)
         n, block = flat.numel(), self.BLOCK
         n_blocks = -(-n // block)

@@ -224,7 +224,7 @@ class Endpoint:
             shown = "127.0.0.1"
         shown = f"[{shown}]" if ":" in shown else shown
         self._address = f"tcp://{shown}:{self.port}"
-        self._router_reader = asyncio.get_running_loop().create_task(self._read_router())
+        self._router_reader = asyncio.get_running_loop().create_task(self._read(router, routed=True))
         return self
 
     async def __aenter__(self) -> "Endpoint":
@@ -283,19 +283,21 @@ class Endpoint:
     def unregister(self, name: str) -> None:
         self._handlers.pop(name, None)
 
-    async def _read_router(self) -> None:
-        assert self._router is not None
+    async def _read(self, sock: zmq.asyncio.Socket, routed: bool) -> None:
+        """Hand every message of ``sock`` to :meth:`_on_frames`: the ROUTER's carry the sender's identity
+        first, a DEALER's only carry replies to our own calls."""
         while True:
             try:
-                frames = await self._router.recv_multipart(copy=False)
-            except asyncio.CancelledError:
-                raise
+                frames = await sock.recv_multipart(copy=False)
             except zmq.ZMQError:
                 return
-            if len(frames) < 2:
-                self.stats["dropped_malformed"] += 1
-                continue
-            self._on_frames(frames[0].bytes, frames[1:])
+            if routed:
+                if len(frames) < 2:
+                    self.stats["dropped_malformed"] += 1
+                    continue
+                self._on_frames(frames[0].bytes, frames[1:])
+            else:
+                self._on_frames(b"", frames)
             await asyncio.sleep(0)  # a ready socket never suspends recv: let other tasks run between messages
 
     async def _serve(self, origin: bytes, incoming: _Incoming) -> None:
@@ -479,7 +481,7 @@ class Endpoint:
             conn.close()
             raise RPCError("the endpoint is closed")
         loop = asyncio.get_running_loop()
-        conn.reader = loop.create_task(self._read_dealer(conn))
+        conn.reader = loop.create_task(self._read(sock, routed=False))
         conn.watcher = loop.create_task(self._watch(conn))
         self._pool[address] = conn
         self.stats["connections_opened"] += 1
@@ -507,8 +509,6 @@ class Endpoint:
         while True:
             try:
                 event = parse_monitor_message(await conn.monitor.recv_multipart())
-            except asyncio.CancelledError:
-                raise
             except zmq.ZMQError:
                 return
             if event["event"] != zmq.EVENT_DISCONNECTED:
@@ -526,17 +526,6 @@ class Endpoint:
                 conn.reader.cancel()
             _close_monitored(conn.socket, conn.monitor)
             return
-
-    async def _read_dealer(self, conn: _Connection) -> None:
-        while True:
-            try:
-                frames = await conn.socket.recv_multipart(copy=False)
-            except asyncio.CancelledError:
-                raise
-            except zmq.ZMQError:
-                return
-            self._on_frames(b"", frames)
-            await asyncio.sleep(0)
 
     # ------------------------------------------------------------------ sending
 

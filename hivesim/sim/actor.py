@@ -16,6 +16,7 @@ from typing import Any
 
 from hivesim.net.identity import Identity
 from hivesim.peer import Peer
+from hivesim.roles import load_role
 from hivesim.net.links import ShapedLinks
 from hivesim.sim.latency import LatencyModel
 
@@ -61,8 +62,6 @@ class PeerHost:
 
     async def add_role(self, name: str, role: str, params: dict[str, Any]) -> None:
         """Start one more role (the run's workload) on a running peer."""
-        from hivesim.roles import load_role
-
         peer = self.peers[name]
         instance = load_role(role)(peer, **params)
         await instance.start()

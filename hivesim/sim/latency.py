@@ -19,9 +19,3 @@ class LatencyModel:
             return 0.0
         factor = max(self.factors.get(src, 1.0), self.factors.get(dst, 1.0))
         return self.matrix[a][b] * factor
-
-    def mean(self) -> float:
-        values = [self(a, b) for a in self.positions for b in self.positions if a != b][:100000]
-        return sum(values) / len(values) if values else 0.0
-
-
