@@ -90,8 +90,8 @@ def _graph(topology: Topology, seed: int) -> LatencyModel:
     return LatencyModel(positions, matrix)
 
 
-def link_params(topology: Topology, seed: int) -> tuple[LatencyModel, dict[str, dict[str, Any]], set[str]]:
-    """The latency model, each peer's ``ShapedLinks`` keyword arguments, and the stragglers."""
+def link_params(topology: Topology, seed: int) -> tuple[LatencyModel, dict[str, dict[str, Any]], dict[str, float]]:
+    """The latency model, each peer's ``ShapedLinks`` keyword arguments, and the stragglers' slowdowns."""
     latency = build_latency(topology, seed)
     net = topology.network
     rng = random.Random(f"{seed}:stragglers")
@@ -115,7 +115,7 @@ def link_params(topology: Topology, seed: int) -> tuple[LatencyModel, dict[str, 
                 "downlink": down / slow if down else None,
                 "seed": seed,
             }
-    return latency, params, set(stragglers)
+    return latency, params, stragglers
 
 
 def emulated_bandwidth(params: dict[str, dict[str, Any]]) -> float | None:

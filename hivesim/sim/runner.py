@@ -25,6 +25,7 @@ import os
 import random
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -105,7 +106,7 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         schedule = build_schedule(topology)
-        latency, link_kwargs, stragglers = link_params(topology, topology.seed) if self.shaping else (None, {}, set())
+        latency, link_kwargs, stragglers = link_params(topology, topology.seed) if self.shaping else (None, {}, {})
         self.summary["host"] = await self._check_host_bandwidth(link_kwargs)
         self._events = open(self.run_dir / "events.jsonl", "w")
         self._samples = open(self.run_dir / "samples.jsonl", "w")
@@ -176,10 +177,9 @@ class Runner:
             )
         return info
 
-    async def _create_slots(self, latency: LatencyModel | None, link_kwargs: dict, stragglers: set[str]) -> None:
+    async def _create_slots(self, latency: LatencyModel | None, link_kwargs: dict, stragglers: dict[str, float]) -> None:
         remote = ray.remote(PeerHost)
         latency_ref = ray.put(latency) if latency is not None else None
-        cluster = self.address is not None
         self._remote, self._latency_ref = remote, latency_ref
         for group, spec in self.topology.groups.items():
             names = [f"{group}.{i}" for i in range(spec.count)]
@@ -210,7 +210,7 @@ class Runner:
             "dht": group.dht,
             "links": self._link_kwargs.get(slot.name) if self.shaping else None,
             "identity": slot.identity,
-            "slowdown": 4.0 if slot.name in self._stragglers else 1.0,
+            "slowdown": self._stragglers.get(slot.name, 1.0),
         }
 
     async def _start_peer(self, slot: _Slot, initial: list[str]) -> None:
@@ -251,8 +251,11 @@ class Runner:
         while True:
             now = time.monotonic()
             elapsed = now - start
+            due = []
             while pending and pending[0].t <= elapsed:
-                await self._apply(pending.pop(0), elapsed)
+                due.append(pending.pop(0))
+            if due:
+                await self._apply_all(due, elapsed)
             if now >= next_collect:
                 await self._collect()
                 next_collect = now + self.topology.collect_every
@@ -263,7 +266,25 @@ class Runner:
             wake = min(start + self.topology.duration, next_collect, start + pending[0].t if pending else math.inf)
             await asyncio.sleep(max(0.0, min(0.5, wake - time.monotonic())))
 
-    async def _apply(self, event: Event, elapsed: float) -> None:
+    async def _apply_all(self, events: list[Event], elapsed: float) -> None:
+        """Apply the events due now: each peer's in order, different peers at once (so 64 peers joining
+        together do not queue behind each other), and log them in schedule order."""
+        chains: dict[str, list[Event]] = defaultdict(list)
+        for event in events:
+            chains[event.peer].append(event)  # partitions and heals (peer "") form one chain
+
+        async def apply_chain(chain: list[Event]) -> list[dict[str, Any]]:
+            return [await self._apply(event, elapsed) for event in chain]
+
+        done = await asyncio.gather(*(apply_chain(c) for c in chains.values()))
+        by_event = {id(e): r for chain, records in zip(chains.values(), done) for e, r in zip(chain, records)}
+        for event in events:
+            record = by_event[id(event)]
+            self.data.events.append(record)
+            self._events.write(json.dumps(record) + "\n")
+        self._events.flush()
+
+    async def _apply(self, event: Event, elapsed: float) -> dict[str, Any]:
         record = {**event.to_dict(), "actual_t": round(elapsed, 3), "wall": time.time()}
         try:
             if event.action == "kill":
@@ -278,9 +299,7 @@ class Runner:
             record["ok"] = False
             record["error"] = repr(e)
             logger.warning("event %s failed: %r", event, e)
-        self.data.events.append(record)
-        self._events.write(json.dumps(record) + "\n")
-        self._events.flush()
+        return record
 
     async def _kill(self, slot: _Slot, graceful: bool) -> None:
         if not slot.alive:
