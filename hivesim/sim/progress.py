@@ -57,8 +57,8 @@ class Progress:
         out = self.stream
         status = "interrupted" if summary.get("interrupted") else ("failed" if summary.get("error") else "finished")
         print(f"hivesim: run {summary['name']} {status} in {summary['wall_time_s']} s "
-              f"({summary['peers']} peers in {summary['actors']} actors, "
-              f"{summary['memory_mib'].get('actors_total')} MiB)", file=out)
+              f"({summary['peers']} peers; at the end {summary['actors_at_end']} actors using "
+              f"{summary['memory_mib'].get('actors_total_at_end')} MiB)", file=out)
         events = summary.get("events", {})
         if any(events.values()):
             print("  events: " + ", ".join(f"{v} {k}" for k, v in events.items() if v), file=out)

@@ -389,14 +389,14 @@ class Runner:
             "name": self.topology.name,
             "seed": self.topology.seed,
             "peers": len(self.slots),
-            "actors": len(actors),
+            "actors_at_end": len(actors),  # abruptly killed peers take their actor with them
             "duration_s": self.topology.duration,
             "wall_time_s": round(wall, 1),
             "interrupted": interrupted,
             "error": repr(error) if error else None,
             "events": {k: sum(1 for e in self.data.events if e.get("action") == k) for k in ("kill", "join", "partition", "heal")},
             "memory_mib": {
-                "actors_total": round(sum(a["rss_mib"] for a in actors), 1),
+                "actors_total_at_end": round(sum(a["rss_mib"] for a in actors), 1),
                 "per_actor_mean": round(sum(a["rss_mib"] for a in actors) / len(actors), 1) if actors else None,
             },
             "shaper": _shaper_summary(self.data.peers) if self.shaping else None,
