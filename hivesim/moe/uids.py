@@ -1,0 +1,77 @@
+"""Expert uids on a grid (``ffn.3.14`` = prefix ``ffn`` + one coordinate per grid dimension) and the
+DHT keys that declare them.
+
+For ``ffn.3.14`` a server stores, each with the same expiration:
+
+* key ``"ffn."``   subkey ``3``  -> ``1``          ("some expert under ffn.3. is alive")
+* key ``"ffn.3."`` subkey ``14`` -> ``address``    (the expert itself)
+
+so a beam search walks from the root prefix down one dimension per lookup, learning at each step which
+next coordinates have at least one live expert behind them. Each subkey expires on its own, so an expert
+whose server stops re-declaring it drops out of the search after ``expiration`` seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+UID_DELIMITER = "."
+_PATTERN = re.compile(r"^([A-Za-z_][\w\-]*)((?:\.\d+)+)$")
+
+
+def parse_uid(uid: str) -> tuple[str, tuple[int, ...]]:
+    """``"ffn.3.14"`` -> ``("ffn", (3, 14))``; a clear ``ValueError`` for anything else."""
+    match = _PATTERN.match(uid) if isinstance(uid, str) else None
+    if match is None:
+        raise ValueError(f"expert uid must look like 'prefix.1.2' (a name, then one integer per grid dimension), got {uid!r}")
+    return match.group(1), tuple(int(c) for c in match.group(2)[1:].split(UID_DELIMITER))
+
+
+def make_uid(prefix: str, coords: Sequence[int]) -> str:
+    return UID_DELIMITER.join([prefix, *map(str, coords)])
+
+
+def prefix_key(prefix: str, coords: Sequence[int]) -> str:
+    """The DHT key listing the live next coordinates under ``prefix.coords``: ``"ffn."``, ``"ffn.3."``."""
+    return make_uid(prefix, coords) + UID_DELIMITER
+
+
+def declaration_items(uids_to_addresses: dict[str, str], expiration_time: float) -> list[tuple[Any, Any, float, Any]]:
+    """``store_many`` items that declare every expert (one record per grid level, see module docs)."""
+    items: dict[tuple[str, int], Any] = {}
+    for uid, address in uids_to_addresses.items():
+        prefix, coords = parse_uid(uid)
+        for depth in range(len(coords)):
+            key = prefix_key(prefix, coords[:depth])
+            items[(key, coords[depth])] = address if depth == len(coords) - 1 else 1
+    return [(key, value, expiration_time, sub) for (key, sub), value in items.items()]
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """``"ffn.[0:4].[0:8]"`` -> every uid of that 4x8 grid; ``"ffn.3.[0:2]"`` -> ffn.3.0, ffn.3.1."""
+    parts = pattern.split(UID_DELIMITER)
+    ranges: list[Iterable[int]] = []
+    for part in parts[1:]:
+        m = re.fullmatch(r"\[(\d+):(\d+)\]", part)
+        if m:
+            ranges.append(range(int(m.group(1)), int(m.group(2))))
+        elif part.isdigit():
+            ranges.append([int(part)])
+        else:
+            raise ValueError(f"bad expert pattern {pattern!r}: each part after the prefix is N or [A:B]")
+    return [make_uid(parts[0], coords) for coords in itertools.product(*ranges)]
+
+
+def grid_uids(prefix: str, grid_size: Sequence[int]) -> list[str]:
+    return [make_uid(prefix, c) for c in itertools.product(*(range(g) for g in grid_size))]
+
+
+def share_of_grid(prefix: str, grid_size: Sequence[int], index: int, count: int, seed: int = 0) -> list[str]:
+    """The uids host ``index`` of ``count`` hosts takes: a seeded shuffle of the grid dealt round-robin."""
+    uids = grid_uids(prefix, grid_size)
+    random.Random(f"{seed}:{prefix}").shuffle(uids)
+    return sorted(uids[index::count], key=lambda u: parse_uid(u)[1])
