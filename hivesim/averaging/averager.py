@@ -1,0 +1,309 @@
+"""Decentralized averaging of a set of tensors: an asyncio core for peers, and a blocking facade.
+
+:class:`AveragerCore` lives in a peer's event loop and uses the peer's endpoint and DHT node; a role or
+workload awaits :meth:`AveragerCore.step`. :class:`DecentralizedAverager` wraps it for ordinary code
+with hivemind's shape: it runs on the blocking :class:`~hivesim.dht.DHT` facade (the core runs in the
+DHT's loop thread), and ``step()`` blocks until the round is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hivesim.averaging.allreduce import AllReduce, FaultHook, RoundReport
+from hivesim.averaging.grid import GroupKeyManager, check_bits
+from hivesim.averaging.matchmaking import BanList, GroupInfo, Matchmaker
+from hivesim.averaging.timing import AdaptiveDeadline
+from hivesim.dht.node import DHTNode
+from hivesim.dht.storage import get_dht_time
+from hivesim.net.codecs import NONE, Codec, get_codec
+from hivesim.net.rpc import Endpoint
+
+logger = logging.getLogger(__name__)
+
+KEEP_BEFORE_NUMEL = 1 << 24  # up to this size a step keeps a copy so that local updates made meanwhile survive
+
+
+class StepResult(dict):
+    """What :meth:`step` returns on success: ``{peer_id: gathered data}`` of the group's members, with
+    the round's details as attributes."""
+
+    group_id: bytes
+    group_size: int
+    my_index: int
+    averaged_fraction: float
+    failed_members: list[int]
+    matchmaking_s: float
+    allreduce_s: float
+    part_sizes: list[int]
+
+
+@dataclass
+class Timings:
+    matchmaking: AdaptiveDeadline
+    allreduce: AdaptiveDeadline
+
+
+def _codec(compression: Any) -> Codec:
+    if compression is None:
+        return NONE
+    if isinstance(compression, Codec):
+        return compression
+    if isinstance(compression, str):
+        return get_codec(compression)
+    raise TypeError(f"compression must be None, a codec name or a Codec, got {type(compression).__name__}")
+
+
+class AveragerCore:
+    """Averages ``tensors`` with other peers that use the same ``prefix`` (asyncio; one per prefix per endpoint).
+
+    Args:
+        endpoint, dht: the peer's endpoint and DHT node (handlers ``avg.<prefix>.*`` go on the endpoint).
+        tensors: what to average; the core keeps its own copies (see :meth:`get_tensors`).
+        prefix: the name of the averaged state; peers with the same prefix average together.
+        target_group_size, min_group_size: group size bounds.
+        initial_group_bits: the starting group key bits (e.g. a line of a Moshpit grid).
+        key_manager: how the bits change between rounds (default: rotate by log2(target_group_size) bits).
+        bandwidth: this peer's throughput (any unit shared by the swarm); parts are sized by it.
+        client_mode: send and receive but reduce no part (a peer others cannot reach).
+        auxiliary: reduce a part but contribute no tensors (a helper with bandwidth, no data).
+        compression: codec of the parts on the wire ("float16", "uniform8", a Codec or None).
+        matchmaking_time, allreduce_timeout: fixed seconds; None adapts them to measured times.
+        ban_time: seconds a peer that failed us is not waited on again.
+        fault_hook: ``async hook(event, state)`` called at ``"group"`` and ``"reduced"`` (fault injection).
+    """
+
+    def __init__(self, endpoint: Endpoint, dht: DHTNode, tensors: Sequence[torch.Tensor], *, prefix: str,
+                 target_group_size: int, min_group_size: int = 2, initial_group_bits: str = "",
+                 key_manager: GroupKeyManager | None = None, bandwidth: float | None = None,
+                 client_mode: bool = False, auxiliary: bool = False, compression: Any = None,
+                 matchmaking_time: float | None = None, allreduce_timeout: float | None = None,
+                 request_timeout: float = 3.0, ban_time: float = 30.0, fault_hook: FaultHook | None = None) -> None:
+        if not tensors:
+            raise ValueError("nothing to average: pass at least one tensor")
+        if client_mode and auxiliary:
+            raise ValueError("a peer cannot be both client_mode (reduces nothing) and auxiliary (contributes nothing)")
+        if bandwidth is not None and (not math.isfinite(bandwidth) or bandwidth <= 0):
+            raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+        if not isinstance(prefix, str) or not prefix or "." in prefix:
+            raise ValueError(f"prefix must be a non-empty name without dots, got {prefix!r}")
+        check_bits(initial_group_bits)
+        self.endpoint = endpoint
+        self.dht = dht
+        self.prefix = prefix
+        self.tensors = [t.detach().to("cpu", copy=True) for t in tensors]
+        for t in self.tensors:
+            if not t.is_floating_point():
+                raise TypeError(f"only floating point tensors can be averaged, got {t.dtype}")
+        self.numel = sum(t.numel() for t in self.tensors)
+        self.lock = threading.Lock()  # guards self.tensors between a step's write-back and get_tensors()
+        self.version = 0
+        self.client_mode = client_mode
+        self.auxiliary = auxiliary
+        self.bandwidth = float(bandwidth or 1.0)
+        self.codec = _codec(compression)
+        self.target_group_size = target_group_size
+        chunk = (target_group_size.bit_length() - 1) if target_group_size & (target_group_size - 1) == 0 else 0
+        self.keys = key_manager or GroupKeyManager(prefix, initial_group_bits, chunk if initial_group_bits else 0)
+        self.timings = Timings(
+            AdaptiveDeadline(matchmaking_time, initial=5.0, factor=3.0, margin=0.3, floor=0.3, ceiling=30.0),
+            AdaptiveDeadline(allreduce_timeout, initial=30.0, factor=3.0, margin=1.0, floor=2.0, ceiling=300.0),
+        )
+        self.bans = BanList(ban_time)
+        name = f"avg.{prefix}"
+        self.matchmaker = Matchmaker(endpoint, dht, name, target_group_size=target_group_size,
+                                     min_group_size=min_group_size, client_mode=client_mode, bans=self.bans,
+                                     request_timeout=request_timeout)
+        self.allreduce = AllReduce(endpoint, name, self.bans, fault_hook)
+        self.fault_hook = fault_hook
+        self.started = False
+        self.steps = 0
+        self.successes = 0
+        self.last: StepResult | None = None
+        self._step_lock = asyncio.Lock()
+
+    async def start(self) -> "AveragerCore":
+        if not self.started:
+            self.matchmaker.register()
+            self.allreduce.register()
+            self.started = True
+        return self
+
+    async def close(self) -> None:
+        if self.started:
+            self.matchmaker.unregister()
+            self.allreduce.unregister()
+            self.started = False
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.dht.peer_id
+
+    @contextlib.contextmanager
+    def get_tensors(self) -> Iterator[list[torch.Tensor]]:
+        """The averaged tensors, to read or change in place; a step's write-back waits meanwhile."""
+        with self.lock:
+            self.version += 1
+            yield self.tensors
+
+    def _flatten(self) -> torch.Tensor:
+        with self.lock:
+            return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in self.tensors])
+
+    def _write_back(self, averaged: torch.Tensor, before: torch.Tensor | None, version: int) -> None:
+        with self.lock:
+            changed = self.version != version
+            if changed and before is None:
+                logger.warning("tensors changed during a step of a %d-element vector: local changes are overwritten", self.numel)
+            offset = 0
+            for t in self.tensors:
+                n = t.numel()
+                new = averaged[offset : offset + n].view(t.shape)
+                if changed and before is not None:
+                    t.add_((new - before[offset : offset + n].view(t.shape)).to(t.dtype))
+                else:
+                    t.copy_(new)
+                offset += n
+
+    async def step(self, weight: float = 1.0, timeout: float | None = None, gather: Any = None,
+                   deadline: float | None = None) -> StepResult | None:
+        """Find a group and average with it. Returns ``{peer_id: gathered}`` of the group, or None if no
+        group formed in time. ``deadline`` (DHT time) fixes when matchmaking ends (scheduled rounds);
+        ``timeout`` bounds the whole step."""
+        if not self.started:
+            raise RuntimeError("the averager is not started")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight must be finite and >= 0, got {weight}")
+        async with self._step_lock:
+            self.steps += 1
+            started = time.monotonic()
+            window = self.timings.matchmaking.value
+            if timeout is not None:
+                window = min(window, timeout / 2)
+            end = deadline if deadline is not None else get_dht_time() + window
+            me = {"id": self.peer_id, "addr": self.endpoint.address, "bw": self.bandwidth,
+                  "client": self.client_mode, "aux": self.auxiliary, "gather": gather}
+            group = await self.matchmaker.look_for_group(self.keys.key, end, me)
+            if group is None:
+                self.keys.after_sitting_out()
+                return None
+            if group.size >= self.target_group_size and deadline is None:
+                self.timings.matchmaking.observe(group.formed_in)
+            matchmaking_s = time.monotonic() - started
+            budget = self.timings.allreduce.value
+            if timeout is not None:
+                budget = max(0.5, min(budget, timeout - matchmaking_s))
+            if self.fault_hook is not None:
+                await self.fault_hook("group", group)  # type: ignore[arg-type]
+            report = await self._average(group, weight, budget)
+            self.keys.after_group(group.my_index)
+            self.keys.adapt(group.bucket_size)
+            if not report.failed_members:
+                self.timings.allreduce.observe(report.seconds)
+            self.successes += 1
+            result = StepResult({m["id"]: m["gather"] for m in group.members})
+            result.group_id, result.group_size, result.my_index = group.group_id, group.size, group.my_index
+            result.averaged_fraction, result.failed_members = report.averaged_fraction, report.failed_members
+            result.matchmaking_s, result.allreduce_s = matchmaking_s, report.seconds
+            result.part_sizes = report.part_sizes
+            self.last = result
+            return result
+
+    async def _average(self, group: GroupInfo, weight: float, budget: float) -> RoundReport:
+        version = self.version
+        flat = self._flatten()
+        before = flat.clone() if self.numel <= KEEP_BEFORE_NUMEL else None
+        averaged, report = await self.allreduce.run(group, flat, weight, codec=self.codec, timeout=budget,
+                                                    contribute=not self.auxiliary)
+        if not self.auxiliary:
+            self._write_back(averaged, before, version)
+        return report
+
+    def skip_round(self) -> None:
+        """Sit this round out (Moshpit: move along the peer's own grid coordinate)."""
+        self.keys.after_sitting_out()
+
+    def status(self) -> dict[str, Any]:
+        return {"steps": self.steps, "successes": self.successes, "key": self.keys.key,
+                "matchmaking_s": round(self.timings.matchmaking.value, 3), "allreduce_timeout_s": round(self.timings.allreduce.value, 3)}
+
+
+class DecentralizedAverager:
+    """Average tensors with peers found through a :class:`~hivesim.dht.DHT` (blocking API, like hivemind's).
+
+    Args:
+        averaged_tensors: tensors to average (copied; read and change them through :meth:`get_tensors`).
+        dht: a running :class:`~hivesim.dht.DHT`; the averager serves on its endpoint, in its loop thread.
+        prefix, target_group_size, min_group_size, initial_group_bits, bandwidth, client_mode, auxiliary,
+        compression, allreduce_timeout, matchmaking_time: see :class:`AveragerCore`.
+        start: register the averager right away (else call :meth:`run_in_background`).
+
+    Example::
+
+        dht = DHT(initial_peers=peers)
+        averager = DecentralizedAverager([w], dht, prefix="model", target_group_size=4)
+        result = averager.step(weight=batch_size)   # None if no group formed
+        with averager.get_tensors() as (w_avg,):
+            model.weight.copy_(w_avg)
+    """
+
+    def __init__(self, averaged_tensors: Sequence[torch.Tensor], dht: Any, *, prefix: str, target_group_size: int,
+                 min_group_size: int = 2, initial_group_bits: str = "", bandwidth: float | None = None,
+                 client_mode: bool = False, auxiliary: bool = False, compression: Any = None,
+                 allreduce_timeout: float | None = None, matchmaking_time: float | None = None,
+                 request_timeout: float = 3.0, start: bool = True, **kwargs: Any) -> None:
+        self.dht = dht
+        self._core_kwargs = dict(prefix=prefix, target_group_size=target_group_size, min_group_size=min_group_size,
+                                 initial_group_bits=initial_group_bits, bandwidth=bandwidth, client_mode=client_mode,
+                                 auxiliary=auxiliary, compression=compression, allreduce_timeout=allreduce_timeout,
+                                 matchmaking_time=matchmaking_time, request_timeout=request_timeout, **kwargs)
+        node = dht.node
+        self.core = AveragerCore(node.endpoint, node, averaged_tensors, **self._core_kwargs)
+        if start:
+            self.run_in_background()
+
+    def run_in_background(self) -> None:
+        self.dht.run_coroutine(lambda _dht, _node: self.core.start())
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.core.peer_id
+
+    def step(self, weight: float = 1.0, timeout: float | None = None, gather: Any = None,
+             wait: bool = True) -> StepResult | None | Any:
+        """Find a group and average; blocks (unless ``wait=False``: then a concurrent Future)."""
+        core = self.core
+        future = self.dht.run_coroutine(lambda _dht, _node: core.step(weight, timeout, gather), return_future=True)
+        if not wait:
+            return future
+        return future.result(None if timeout is None else timeout + 5.0)
+
+    @contextlib.contextmanager
+    def get_tensors(self) -> Iterator[list[torch.Tensor]]:
+        """``with averager.get_tensors() as tensors:`` read or update the averaged tensors in place."""
+        with self.core.get_tensors() as tensors:
+            yield tensors
+
+    def shutdown(self) -> None:
+        """Stop serving (idempotent); the DHT stays up."""
+        if self.core.started and self.dht.is_alive:
+            try:
+                self.dht.run_coroutine(lambda _dht, _node: self.core.close())
+            except RuntimeError:
+                pass
+
+    def __enter__(self) -> "DecentralizedAverager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

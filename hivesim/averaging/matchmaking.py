@@ -1,0 +1,413 @@
+"""Matchmaking through the DHT: who averages with whom this round.
+
+Every peer looking for a group declares itself under its group key (a DHT subkey per peer, expiring at
+its deadline). Peers are ranked by ``(deadline, peer id)``. A peer without followers asks the others to
+lead it, best-ranked first; a peer accepts a worse-ranked follower any time it is not itself joining
+someone, and a better-ranked one only once it already leads a group. A peer that has followers never
+joins anyone and a peer that is joining accepts nobody, so no two peers ever wait on each other. A
+candidate that is following, full, or gone answers at once and is skipped.
+
+A leader starts the round when its group reaches ``target_group_size``, when every live peer ranked
+below it under the key has joined it, or at its deadline if it has at least ``min_group_size`` members.
+It then picks a random group id and the load-balanced shares of the all-reduce; the members' order is a
+permutation derived from the group id, so every member knows every index. Followers learn the group
+through a long-polling ``await`` call to the leader, which also tells them at once when the leader
+died. Every wait is bounded by the deadlines; peers that did not answer are banned for a while, so the
+next round does not wait on them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivesim.averaging.grid import member_order
+from hivesim.averaging.partition import optimal_shares
+from hivesim.dht.node import DHTNode
+from hivesim.dht.storage import get_dht_time
+from hivesim.net.errors import PeerUnreachable, RPCError, RPCTimeout
+from hivesim.net.rpc import CallContext, Endpoint
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """A malformed averaging request; the caller gets it back as a ``RemoteError``."""
+
+
+@dataclass
+class GroupInfo:
+    """An assembled group, identical on every member (except ``my_index``)."""
+
+    group_id: bytes
+    key: str
+    members: list[dict[str, Any]]  # in group order: {"id", "addr", "bw", "client", "aux", "gather"}
+    shares: list[float]
+    my_index: int
+    formed_in: float = 0.0  # seconds from the start of the search to the start of the round
+    bucket_size: int = 0  # live peers seen under the key (for adapting the key bits)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"gid": self.group_id, "key": self.key, "members": self.members, "shares": self.shares}
+
+
+class BanList:
+    """Peers that failed recently, each until its own expiry (monotonic seconds)."""
+
+    def __init__(self, ban_time: float) -> None:
+        self.ban_time = ban_time
+        self._until: dict[bytes, float] = {}
+
+    def ban(self, peer_id: bytes) -> None:
+        self._until[peer_id] = time.monotonic() + self.ban_time
+
+    def __contains__(self, peer_id: bytes) -> bool:
+        until = self._until.get(peer_id)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._until[peer_id]
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return sum(1 for p in list(self._until) if p in self)
+
+
+@dataclass
+class _Search:
+    key: str
+    deadline: float  # DHT time
+    rank: tuple[float, bytes]
+    me: dict[str, Any]
+    token: bytes = field(default_factory=lambda: os.urandom(12))
+    started: float = field(default_factory=time.monotonic)
+    followers: list[dict[str, Any]] = field(default_factory=list)
+    joining: bool = False
+    following: bool = False
+    closed: bool = False
+    group: GroupInfo | None = None
+    outcome: asyncio.Future | None = None  # set when the leader starts the round (GroupInfo) or gives up (None)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    join_done: asyncio.Event = field(default_factory=asyncio.Event)  # set while no join request of ours is out
+    bucket_size: int = 0
+
+    def __post_init__(self) -> None:
+        self.join_done.set()
+
+
+def _member_info(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise BadRequest("peer info must be a mapping")
+    pid, addr, bw = payload.get("id"), payload.get("addr"), payload.get("bw")
+    if not isinstance(pid, bytes) or not 1 <= len(pid) <= 64:
+        raise BadRequest("peer info needs an id of 1..64 bytes")
+    if not isinstance(addr, str) or len(addr) > 256:
+        raise BadRequest("peer info needs an address string")
+    if not isinstance(bw, (int, float)) or isinstance(bw, bool) or not math.isfinite(bw) or bw <= 0:
+        raise BadRequest("peer info needs a positive bandwidth")
+    return {"id": pid, "addr": addr, "bw": float(bw), "client": bool(payload.get("client")),
+            "aux": bool(payload.get("aux")), "gather": payload.get("gather")}
+
+
+class Matchmaker:
+    """Finds a group for one averager (see the module docstring).
+
+    Args:
+        endpoint, dht: the peer's endpoint (handlers are registered on it) and DHT node.
+        name: RPC namespace, unique per averager on the endpoint.
+        target_group_size, min_group_size: group size bounds.
+        client_mode: never lead (nobody can call this peer); only join.
+        bans: shared with the all-reduce, which bans members that failed it.
+        request_timeout: seconds to wait for a leader's answer to a join request.
+    """
+
+    def __init__(self, endpoint: Endpoint, dht: DHTNode, name: str, *, target_group_size: int, min_group_size: int,
+                 client_mode: bool, bans: BanList, request_timeout: float = 3.0) -> None:
+        if min_group_size < 1 or target_group_size < min_group_size:
+            raise ValueError(f"need 1 <= min_group_size <= target_group_size, got {min_group_size}, {target_group_size}")
+        self.endpoint = endpoint
+        self.dht = dht
+        self.name = name
+        self.target_group_size = target_group_size
+        self.min_group_size = min_group_size
+        self.client_mode = client_mode
+        self.bans = bans
+        self.request_timeout = request_timeout
+        self.search: _Search | None = None
+        self._recent: OrderedDict[bytes, _Search] = OrderedDict()  # by token, for late ``await`` calls
+        self.stats = {"join_requests": 0, "joins_refused": 0, "dht_gets": 0}
+
+    @property
+    def join_method(self) -> str:
+        return f"{self.name}.join"
+
+    @property
+    def await_method(self) -> str:
+        return f"{self.name}.await"
+
+    def register(self) -> None:
+        self.endpoint.register(self.join_method, self._rpc_join)
+        self.endpoint.register(self.await_method, self._rpc_await)
+
+    def unregister(self) -> None:
+        self.endpoint.unregister(self.join_method)
+        self.endpoint.unregister(self.await_method)
+        self._abandon(self.search)
+
+    # ------------------------------------------------------------------ the search
+
+    async def look_for_group(self, key: str, deadline: float, me: dict[str, Any]) -> GroupInfo | None:
+        """Declare under ``key`` and find a group before ``deadline`` (DHT time); None if there is none."""
+        if self.search is not None:
+            raise RuntimeError("this averager is already looking for a group")
+        search = _Search(key, deadline, (deadline, me["id"]), me)
+        search.outcome = asyncio.get_running_loop().create_future()
+        self.search = search
+        self._recent[search.token] = search
+        while len(self._recent) > 8:
+            self._recent.popitem(last=False)
+        try:
+            return await self._search(search)
+        finally:
+            self.search = None
+            self._abandon(search)
+
+    def _abandon(self, search: _Search | None) -> None:
+        if search is None:
+            return
+        search.closed = True
+        if search.outcome is not None and not search.outcome.done():
+            search.outcome.set_result(None)  # followers waiting in ``await`` learn the group is off
+        search.changed.set()
+
+    async def _search(self, search: _Search) -> GroupInfo | None:
+        me = search.me
+        value = [search.deadline, me["addr"], self.client_mode]
+        try:
+            await self.dht.store(search.key, value, search.deadline, subkey=me["id"])
+        except Exception as e:  # the DHT being unhappy must not crash a step
+            logger.debug("could not declare under %s: %r", search.key, e)
+        refused: set[bytes] = set()
+        busy_retry_at: dict[bytes, float] = {}
+        poll = 0.05
+        settle = 0.3 * max(0.0, search.deadline - get_dht_time())
+        last_seen: frozenset = frozenset()
+        last_change = time.monotonic()
+        while True:
+            left = search.deadline - get_dht_time()
+            if search.outcome.done():
+                return search.outcome.result()
+            if left <= 0:
+                return self._begin(search) if len(search.followers) + 1 >= self.min_group_size else None
+            declared = await self._declared(search)
+            if not search.followers:
+                # better-ranked peers first; then worse-ranked ones, which accept only once they lead a group
+                # (worse-ranked ones only after a grace period alone: early on, they are about to join us)
+                probe_worse = time.monotonic() - search.started >= settle / 2
+                candidates = [d for d in declared if not d["client"] and d["id"] not in refused
+                              and busy_retry_at.get(d["id"], 0.0) <= time.monotonic()
+                              and (d["rank"] < search.rank or probe_worse)]
+                candidates.sort(key=lambda d: (d["rank"] > search.rank, d["rank"]))
+                for candidate in candidates:
+                    if search.followers or search.outcome.done():
+                        break
+                    group = await self._try_join(search, candidate, refused, busy_retry_at)
+                    if group is not None:
+                        return group
+                    if search.deadline <= get_dht_time():
+                        break
+            if search.outcome.done():
+                return search.outcome.result()
+            size = len(search.followers) + 1
+            if size >= self.target_group_size and not self.client_mode:
+                return self._begin(search)
+            seen = frozenset(d["id"] for d in declared) | {f["id"] for f in search.followers}
+            if seen != last_seen:
+                last_seen, last_change = seen, time.monotonic()
+            if size >= self.min_group_size and size > 1 and not self.client_mode:
+                # start early when every live peer ranked below has joined and nothing changed for a while
+                # (peers that have not declared yet cannot be seen: the quiet period gives them time)
+                joined = {f["id"] for f in search.followers}
+                waiting_below = [d for d in declared if (d["rank"] > search.rank or d["client"]) and d["id"] not in joined]
+                if not waiting_below and time.monotonic() - last_change >= settle:
+                    return self._begin(search)
+            search.changed.clear()
+            wait = min(max(0.0, search.deadline - get_dht_time()), poll)
+            try:
+                await asyncio.wait_for(search.changed.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+            poll = min(poll * 1.5, 0.5)
+
+    async def _declared(self, search: _Search) -> list[dict[str, Any]]:
+        """Live, unbanned peers declared under the search's key, other than this one."""
+        self.stats["dht_gets"] += 1
+        try:
+            found = await self.dht.get(search.key, latest=True)
+        except Exception as e:
+            logger.debug("could not read %s: %r", search.key, e)
+            return []
+        if found is None or not isinstance(found.value, dict):
+            return []
+        now = get_dht_time()
+        out = []
+        for pid, item in found.value.items():
+            value = getattr(item, "value", None)
+            if not isinstance(pid, bytes) or not isinstance(value, list) or len(value) != 3:
+                continue
+            deadline, addr, client = value
+            if not isinstance(deadline, (int, float)) or not isinstance(addr, str) or deadline <= now:
+                continue
+            if pid == search.me["id"] or pid in self.bans:
+                continue
+            out.append({"id": pid, "addr": addr, "client": bool(client), "rank": (float(deadline), pid)})
+        search.bucket_size = len(out) + 1
+        return out
+
+    async def _try_join(self, search: _Search, leader: dict[str, Any], refused: set[bytes],
+                        busy_retry_at: dict[bytes, float]) -> GroupInfo | None:
+        me = search.me
+        request = {"key": search.key, "rank": [search.rank[0], search.rank[1]], "peer": me}
+        search.joining = True
+        search.join_done.clear()
+        self.stats["join_requests"] += 1
+        try:
+            reply = await self.endpoint.call(leader["addr"], self.join_method, request, timeout=self.request_timeout)
+        except (PeerUnreachable, RPCTimeout) as e:
+            logger.debug("leader %s did not answer: %r", leader["addr"], e)
+            self.bans.ban(leader["id"])
+            refused.add(leader["id"])
+            return None
+        except RPCError as e:
+            refused.add(leader["id"])
+            logger.debug("join at %s failed: %r", leader["addr"], e)
+            return None
+        finally:
+            search.joining = False
+            search.join_done.set()
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            self.stats["joins_refused"] += 1
+            why = reply.get("why") if isinstance(reply, dict) else None
+            if why in ("busy", "not leading yet"):
+                busy_retry_at[leader["id"]] = time.monotonic() + (0.03 if why == "busy" else 0.15) * (1 + random.random())
+            else:
+                refused.add(leader["id"])
+            return None
+        # accepted: from now on this peer follows; wait for the leader to start the round
+        search.following = True
+        token, wait = reply.get("token"), reply.get("left")
+        wait = float(wait) if isinstance(wait, (int, float)) and 0 <= wait < 3600 else 0.0
+        try:
+            answer = await self.endpoint.call(leader["addr"], self.await_method, {"token": token, "id": me["id"]},
+                                              timeout=wait + self.request_timeout)
+            group = self._parse_group(answer, search)
+        except (PeerUnreachable, RPCTimeout) as e:
+            logger.debug("leader %s vanished before the round: %r", leader["addr"], e)
+            self.bans.ban(leader["id"])
+            group = None
+        except (RPCError, BadRequest) as e:
+            logger.debug("bad group from %s: %r", leader["addr"], e)
+            group = None
+        if group is None:
+            search.following = False  # look on, if time is left
+            refused.add(leader["id"])
+        return group
+
+    def _parse_group(self, answer: Any, search: _Search) -> GroupInfo | None:
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            return None
+        wire = answer.get("group")
+        if not isinstance(wire, dict):
+            raise BadRequest("group description missing")
+        gid, members, shares = wire.get("gid"), wire.get("members"), wire.get("shares")
+        if not isinstance(gid, bytes) or not isinstance(members, list) or not isinstance(shares, list):
+            raise BadRequest("malformed group description")
+        members = [_member_info(m) for m in members]
+        if len(shares) != len(members) or not all(isinstance(s, (int, float)) and s >= 0 for s in shares):
+            raise BadRequest("shares do not match the members")
+        ids = [m["id"] for m in members]
+        if search.me["id"] not in ids:
+            raise BadRequest("the group does not contain this peer")
+        return GroupInfo(gid, search.key, members, [float(s) for s in shares], ids.index(search.me["id"]),
+                         time.monotonic() - search.started, search.bucket_size)
+
+    def _begin(self, search: _Search) -> GroupInfo:
+        """Leader: fix the group id, the order and the shares, and tell the followers."""
+        gid = os.urandom(16)
+        everyone = [search.me, *search.followers]
+        order = member_order(gid, [m["id"] for m in everyone])
+        members = [everyone[i] for i in order]
+        can_reduce = [not m["client"] for m in members]
+        shares = [float(s) for s in optimal_shares([m["bw"] for m in members], can_reduce)]
+        ids = [m["id"] for m in members]
+        group = GroupInfo(gid, search.key, members, shares, ids.index(search.me["id"]),
+                          time.monotonic() - search.started, search.bucket_size)
+        search.group = group
+        if not search.outcome.done():
+            search.outcome.set_result(group)
+        search.changed.set()
+        return group
+
+    # ------------------------------------------------------------------ serving other peers
+
+    async def _rpc_join(self, payload: Any, ctx: CallContext) -> dict[str, Any]:
+        if not isinstance(payload, dict) or not isinstance(payload.get("key"), str):
+            raise BadRequest("a join request needs a group key")
+        rank = payload.get("rank")
+        if (not isinstance(rank, list) or len(rank) != 2 or not isinstance(rank[0], (int, float))
+                or not isinstance(rank[1], bytes)):
+            raise BadRequest("a join request needs the requester's rank [deadline, peer id]")
+        peer = _member_info(payload.get("peer"))
+        search = self.search
+        if search is None or search.closed or search.key != payload["key"]:
+            return {"ok": False, "why": "not looking"}
+        better = (float(rank[0]), rank[1]) <= search.rank
+        if search.joining and not better:
+            # our own join request is out (answered at once, accepted or not): wait for it rather than send
+            # the requester away. Waits only go from worse- to better-ranked peers, so they never form a cycle.
+            try:
+                await asyncio.wait_for(search.join_done.wait(), max(0.0, min(self.request_timeout, ctx.time_left - 0.1)))
+            except asyncio.TimeoutError:
+                pass
+        if search.closed or search.following or search.outcome.done() or self.client_mode:
+            return {"ok": False, "why": "not leading"}
+        if search.joining:
+            return {"ok": False, "why": "busy"}
+        if better and not search.followers:
+            # a better-ranked peer may only join a peer that already leads a group (a peer with followers
+            # never joins anyone, so it never waits on its own follower)
+            return {"ok": False, "why": "not leading yet"}
+        if any(f["id"] == peer["id"] for f in search.followers):
+            return {"ok": True, "token": search.token, "left": max(0.0, search.deadline - get_dht_time())}
+        if len(search.followers) + 1 >= self.target_group_size:
+            return {"ok": False, "why": "full"}
+        search.followers.append(peer)
+        search.changed.set()
+        return {"ok": True, "token": search.token, "left": max(0.0, search.deadline - get_dht_time())}
+
+    async def _rpc_await(self, payload: Any, ctx: CallContext) -> dict[str, Any]:
+        if not isinstance(payload, dict) or not isinstance(payload.get("token"), bytes):
+            raise BadRequest("an await request needs the token of a join")
+        search = self._recent.get(payload["token"])
+        if search is None or search.outcome is None:
+            return {"ok": False, "why": "unknown search"}
+        try:
+            group = await asyncio.wait_for(asyncio.shield(search.outcome), max(0.0, ctx.time_left - 0.05))
+        except asyncio.TimeoutError:
+            return {"ok": False, "why": "not started in time"}
+        if group is None or payload.get("id") not in {m["id"] for m in group.members}:
+            return {"ok": False, "why": "disbanded"}
+        return {"ok": True, "group": group.to_wire()}
+

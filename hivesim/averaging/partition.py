@@ -1,0 +1,81 @@
+"""Load balancing of a butterfly all-reduce: how much of the vector each member reduces.
+
+The DeDLOC paper's linear program: with G members of throughputs b_i, a member that reduces a share w_i
+of the vector moves about (1 + (G - 2) * w_i) vector-lengths (it sends every other part once, receives
+G - 1 copies of its own part and sends G - 1 averages back), so the slowest member needs
+max_i (1 + (G - 2) w_i) / b_i. Minimise that subject to sum(w) = 1, w >= 0, and w_i = 0 for members
+that cannot serve (client mode, behind NAT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import linprog
+
+
+def optimal_shares(throughputs: Sequence[float], can_reduce: Sequence[bool]) -> np.ndarray:
+    """Shares ``w`` (summing to 1) that minimise the slowest member's transfer time.
+
+    Raises ValueError when no member can reduce (a group of clients only cannot average).
+    """
+    b = np.asarray(throughputs, dtype=np.float64)
+    able = np.asarray(can_reduce, dtype=bool)
+    if b.shape != able.shape or b.ndim != 1 or len(b) == 0:
+        raise ValueError("throughputs and can_reduce must be equally long, non-empty lists")
+    if not able.any():
+        raise ValueError("no member of the group can reduce a part (all are clients)")
+    if np.any(~np.isfinite(b)) or np.any(b <= 0):
+        raise ValueError(f"throughputs must be positive and finite, got {list(b)}")
+    group = len(b)
+    if group <= 2 or able.sum() == 1:
+        # (G - 2) = 0: every split costs the same; split by throughput among those able to reduce
+        w = np.where(able, b, 0.0)
+        return w / w.sum()
+    b = b / b.max()  # scale-free: keeps the LP well conditioned for bytes/s given in any unit
+    # variables: w_1..w_G, t. minimise t s.t. (G-2)/b_i * w_i - t <= -1/b_i; sum w = 1; 0 <= w_i (<= 0 if client)
+    # Ties (the slowest members often fix t whatever the others do) go to the faster members: a tiny
+    # secondary cost on each member's own time makes the solution unique and sensible.
+    c = np.zeros(group + 1)
+    c[:group] = 1e-4 * (group - 2) / b / group
+    c[-1] = 1.0
+    a_ub = np.zeros((group, group + 1))
+    a_ub[np.arange(group), np.arange(group)] = (group - 2) / b
+    a_ub[:, -1] = -1.0
+    b_ub = -1.0 / b
+    a_eq = np.zeros((1, group + 1))
+    a_eq[0, :group] = 1.0
+    bounds = [(0.0, 1.0 if ok else 0.0) for ok in able] + [(0.0, None)]
+    result = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=[1.0], bounds=bounds, method="highs")
+    if not result.success:  # cannot happen for a feasible program; fall back to proportional shares
+        w = np.where(able, b, 0.0)
+        return w / w.sum()
+    w = np.clip(result.x[:group], 0.0, None)
+    return w / w.sum()
+
+
+def part_sizes(total: int, shares: Sequence[float]) -> list[int]:
+    """Round shares of ``total`` elements to integers that sum to ``total`` (largest remainders first);
+    a member with share 0 gets 0 elements."""
+    w = np.asarray(shares, dtype=np.float64)
+    exact = w * total
+    sizes = np.floor(exact).astype(np.int64)
+    left = int(total - sizes.sum())
+    if left > 0:
+        order = np.argsort(-(exact - sizes), kind="stable")
+        order = [i for i in order if w[i] > 0] or list(order)
+        for i in order[:left]:
+            sizes[i] += 1
+    return [int(s) for s in sizes]
+
+
+def load_balance(total: int, throughputs: Sequence[float], can_reduce: Sequence[bool]) -> list[int]:
+    """Element counts per member for a vector of ``total`` elements (see :func:`optimal_shares`)."""
+    return part_sizes(total, optimal_shares(throughputs, can_reduce))
+
+
+def transfer_time(shares: Sequence[float], throughputs: Sequence[float]) -> float:
+    """The LP's objective: the slowest member's time, in vector-lengths / throughput unit."""
+    w, b = np.asarray(shares, dtype=np.float64), np.asarray(throughputs, dtype=np.float64)
+    return float(np.max((1 + (len(w) - 2) * w) / b))
