@@ -59,6 +59,8 @@ class _Lookup:
     holders: set[int] = field(default_factory=set)
     depth: dict[int, int] = field(default_factory=dict)  # hops from us at which each candidate was learnt
     requests: int = 0
+    pending: set[int] = field(default_factory=set)  # asked, not answered or failed yet
+    verdicts: dict[int, list] = field(default_factory=dict)  # node -> its verdicts on records sent with find
 
     @property
     def found(self) -> bool:
@@ -77,11 +79,21 @@ class _Lookup:
                 best = (node_id, address)
         if best is None:
             return None
-        if len(self.answered) >= self.size:
-            kth = self.nearest_answered()[-1][0]
-            if best[0] ^ self.target >= kth ^ self.target:
+        # Nodes still being asked count as answers to come: asking beyond the ``size`` nearest of
+        # those and the answered ones costs requests that can only be wasted unless one of them fails.
+        if len(self.answered) + len(self.pending) >= self.size:
+            kth = sorted(self.target ^ n for n in (*self.answered, *self.pending))[self.size - 1]
+            if best[0] ^ self.target >= kth:
                 return None
         return best
+
+    def ranks_within(self, node_id: int, count: int, me: int | None) -> bool:
+        """Whether ``node_id`` is among the ``count`` nearest to the target of the nodes seen so far
+        (``me`` included, unless None)."""
+        mine = node_id ^ self.target
+        closer = sum(1 for other in self.candidates if other ^ self.target < mine)
+        closer += me is not None and me ^ self.target < mine
+        return closer < count
 
     def merge(self, records: Iterable[DHTRecord], holder: int) -> None:
         got = False
@@ -319,23 +331,60 @@ class DHTNode:
         asker = payload["from"][0] if payload.get("from") else None
         exclude = id_from_bytes(asker) if asker else None
         want_values = payload.get("values", True) is not False
+        count = payload.get("n", self.bucket_size)  # how many nearest the asker needs (its beam)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError("'n' must be a positive number of nearest nodes")
+        count = min(count, self.bucket_size)
+        riders = protocol.parse_records(payload["store"], self.limits) if "store" in payload else None
         found = []
+        near: dict[int, list[tuple[int, str]]] = {}
         for target in key_ids:
             records = [r.to_wire() for r in self.storage.get(target)] if want_values else []
-            nearest = [[id_to_bytes(i), a] for i, a in self.routing.nearest(target, self.bucket_size, exclude)]
-            found.append([records, nearest])
-        return {"from": self._me(), "found": found}
+            near[target] = self.routing.nearest(target, count, exclude)
+            found.append([records, [[id_to_bytes(i), a] for i, a in near[target]]])
+        reply: dict[str, Any] = {"from": self._me(), "found": found}
+        if riders is not None:
+            replicas = payload.get("replicas")
+            if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+                raise ValueError("a find with records needs a positive 'replicas' count")
+            replicas = min(replicas, count)
+            reply["stored"] = [
+                self._store_local(r) if self._among_nearest(id_of_key_bytes(r.key), replicas, near, exclude) else None
+                for r in riders
+            ]
+        return reply
+
+    def _among_nearest(self, target: int, count: int, near: dict[int, list[tuple[int, str]]], asker: int | None) -> bool:
+        """Whether this node is one of the ``count`` nearest to ``target`` among the nodes it knows
+        (the asker included): where a store of that key is meant to land."""
+        contacts = near.get(target)
+        if contacts is None:
+            contacts = near[target] = self.routing.nearest(target, self.bucket_size, asker)
+        mine = self.node_id ^ target
+        closer = sum(1 for node_id, _ in contacts if node_id ^ target < mine)
+        closer += asker is not None and asker ^ target < mine
+        return closer < count
 
     # ------------------------------------------------------------------ lookups
 
     async def find_nearest(
-        self, targets: Sequence[int], want_values: bool = False, latest: bool = False, beam_size: int | None = None
+        self,
+        targets: Sequence[int],
+        want_values: bool = False,
+        latest: bool = False,
+        beam_size: int | None = None,
+        records: dict[int, list[DHTRecord]] | None = None,
     ) -> dict[int, _Lookup]:
         """Iterative parallel lookup of many ids at once; returns each id's final lookup state.
 
         A key's lookup settles once its ``beam_size`` (default ``bucket_size``) nearest nodes have answered.
+        ``records`` (by target id) ride along with every find request of that target: a node that sees
+        itself among the ``beam_size`` nearest to the key by its own routing table stores them at once
+        and says so in ``lookup.verdicts``, which saves a store's second round of RPCs.
         """
         beam = beam_size or self.bucket_size
+        riding = records or {}
+        mine = None if self.client_mode else self.node_id
         lookups = {t: _Lookup(t, beam) for t in dict.fromkeys(targets)}
         for lookup in lookups.values():
             lookup.candidates.update(self.routing.nearest(lookup.target, self.bucket_size))
@@ -347,10 +396,12 @@ class DHTNode:
             return want_values and not latest and lookup.found
 
         running: set[asyncio.Task] = set()
+        completions = _Completions()
         request_keys: dict[asyncio.Task, tuple[int, str, list[int]]] = {}
 
         def schedule() -> None:
             batch: dict[Contact, list[int]] = defaultdict(list)
+            ride: dict[Contact, list[DHTRecord]] = defaultdict(list)
             for lookup in lookups.values():
                 if finished(lookup):
                     continue
@@ -359,26 +410,33 @@ class DHTNode:
                     if contact is None:
                         break
                     lookup.asked.add(contact[0])
+                    lookup.pending.add(contact[0])
                     lookup.inflight += 1
                     lookup.requests += 1
                     batch[contact].append(lookup.target)
+                    if lookup.target in riding and lookup.ranks_within(contact[0], beam, mine):
+                        ride[contact].extend(riding[lookup.target])
             for (node_id, address), keys in batch.items():
-                task = asyncio.get_running_loop().create_task(self._find_at(address, keys, want_values))
+                riders = ride.get((node_id, address), [])
+                task = asyncio.get_running_loop().create_task(
+                    self._find_at(address, keys, want_values, riders, beam)
+                )
                 running.add(task)
+                task.add_done_callback(completions.add)
                 request_keys[task] = (node_id, address, keys)
 
         schedule()
         try:
             while running:
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
+                for task in await completions.take():
                     running.discard(task)
                     node_id, address, keys = request_keys.pop(task)
                     answer = task.result()
+                    verdicts = answer[2] if answer is not None else None
                     if answer is None:
                         self.routing.mark_failed(node_id)
                     else:
-                        responder, results = answer
+                        responder = answer[0]
                         if responder is not None and responder[0] != node_id:
                             self.routing.mark_failed(node_id)  # an address that answers with another id
                             answer = None
@@ -387,8 +445,11 @@ class DHTNode:
                     for index, target in enumerate(keys):
                         lookup = lookups[target]
                         lookup.inflight -= 1
+                        lookup.pending.discard(node_id)
                         if answer is None:
                             continue
+                        if verdicts is not None:
+                            lookup.verdicts[node_id] = verdicts
                         records, nearest = answer[1][index]
                         lookup.answered[node_id] = address
                         lookup.merge(self._valid(records), node_id)
@@ -404,14 +465,30 @@ class DHTNode:
                 task.cancel()
         return lookups
 
-    async def _find_at(self, address: str, keys: list[int], want_values: bool) -> tuple[Any, list] | None:
-        payload = {"from": self._me(), "keys": [id_to_bytes(k) for k in keys], "values": want_values}
+    async def _find_at(
+        self, address: str, keys: list[int], want_values: bool, riders: list[DHTRecord] = (), replicas: int = 0
+    ) -> tuple[Any, list, list | None] | None:
+        """One find request; with ``riders``, a conditional store too (see :meth:`find_nearest`).
+        Returns (responder, found, verdicts on the riders or None), or None if it failed."""
+        payload: dict[str, Any] = {
+            "from": self._me(), "keys": [id_to_bytes(k) for k in keys], "values": want_values, "n": replicas or self.bucket_size,
+        }
+        if riders:
+            payload["store"] = [r.to_wire() for r in riders]
+            payload["replicas"] = replicas
         try:
             reply = await self.endpoint.call(address, FIND, payload, timeout=self.rpc_timeout)
             if not isinstance(reply, dict):
                 raise ValueError("find reply must be a map")
             responder = protocol.parse_peer(reply.get("from"))
-            return responder, protocol.parse_found(reply.get("found"), len(keys), self.limits)
+            found = protocol.parse_found(reply.get("found"), len(keys), self.limits)
+            verdicts = None
+            if riders:
+                verdicts = reply.get("stored")
+                if not isinstance(verdicts, list) or len(verdicts) != len(riders):
+                    raise ValueError("find reply must give one store verdict per record sent")
+                verdicts = [(rider, verdict) for rider, verdict in zip(riders, verdicts)]
+            return responder, found, verdicts
         except (RPCError, ValueError) as e:
             logger.debug("find at %s failed: %s", address, e)
             return None
@@ -450,20 +527,32 @@ class DHTNode:
             record = DHTRecord(key_bytes, None if subkey is None else _pack(subkey), _pack(value), float(expiration_time))
             signed = DHTRecord(record.key, record.subkey, self.validator.sign_value(record), record.expiration_time)
             prepared.append((_key_slot(key, subkey), id_of_key_bytes(key_bytes), signed))
-        lookups = await self.find_nearest([target for _, target, _ in prepared], beam_size=self.num_replicas)
+        riders: dict[int, list[DHTRecord]] = defaultdict(list)
+        for _, target, record in prepared:
+            riders[target].append(record)
+        # the records ride along with the lookup's finds: nodes that know they are among the nearest
+        # store them right away, and only the nearest that did not get a second request
+        lookups = await self.find_nearest(list(riders), beam_size=self.num_replicas, records=riders)
         per_node: dict[Contact, list[int]] = defaultdict(list)
         outcome: dict[Any, bool] = {}
         local: list[int] = []
         for index, (slot, target, record) in enumerate(prepared):
-            outcome[slot] = False
-            nearest = lookups[target].nearest_answered()
+            outcome.setdefault(slot, False)
+            lookup = lookups[target]
+            nearest = lookup.nearest_answered()
             me_first = [(self.node_id, "")] + nearest if not self.client_mode else nearest
             me_first.sort(key=lambda c: c[0] ^ target)
             for contact in me_first[: self.num_replicas]:
                 if contact[0] == self.node_id:
                     local.append(index)
-                else:
+                    continue
+                verdict = next((v for r, v in lookup.verdicts.get(contact[0], ()) if r is record), None)
+                if verdict is None:
                     per_node[contact].append(index)
+                elif verdict is True:
+                    outcome[slot] = True
+                else:
+                    logger.debug("store of %r refused by %s: %s", slot, contact[1], verdict)
         for index in local:
             slot, _, record = prepared[index]
             outcome[slot] = self._store_local(record) is True or outcome[slot]
@@ -491,8 +580,8 @@ class DHTNode:
     async def get(self, key: Any, latest: bool = False) -> ValueWithExpiration | None:
         """The value under ``key``, or None. A key with subkeys gives ``{subkey: ValueWithExpiration}``.
 
-        ``latest=True`` asks every one of the nearest nodes and returns the newest version (and, for
-        subkeys, the newest version of each subkey any of them holds).
+        ``latest=True`` asks every one of the ``num_replicas`` nearest nodes (where stores land) and
+        returns the newest version (and, for subkeys, the newest version of each subkey any of them holds).
         """
         return (await self.get_many([key], latest=latest))[key]
 
@@ -509,7 +598,10 @@ class DHTNode:
         :class:`LookupStats`."""
         keys = list(dict.fromkeys(keys))
         targets = {key: key_id(key) for key in keys}
-        lookups = await self.find_nearest(list(targets.values()), want_values=True, latest=latest)
+        # Stores land on the ``num_replicas`` nearest nodes, so those hold the newest version; a latest
+        # lookup settles once they (and the ``cache_nearest`` next ones, to cache on) have answered.
+        beam = min(self.bucket_size, self.num_replicas + self.cache_nearest) if latest else None
+        lookups = await self.find_nearest(list(targets.values()), want_values=True, latest=latest, beam_size=beam)
         results: dict[Any, ValueWithExpiration | None] = {}
         for key, target in targets.items():
             lookup = lookups[target]
@@ -559,6 +651,33 @@ class DHTNode:
                     await self.find_nearest(targets)
                 except Exception:  # never let maintenance kill the node
                     logger.exception("bucket refresh failed")
+
+
+class _Completions:
+    """Tasks in the order they finish, for a lookup to handle as they come: one future per wait,
+    where ``asyncio.wait`` would add and remove a callback on every running request each time."""
+
+    __slots__ = ("done", "waiter")
+
+    def __init__(self) -> None:
+        self.done: list[asyncio.Task] = []
+        self.waiter: asyncio.Future | None = None
+
+    def add(self, task: asyncio.Task) -> None:
+        self.done.append(task)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list[asyncio.Task]:
+        """The tasks finished since the last call, waiting for one if there are none yet."""
+        if not self.done:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        done, self.done = self.done, []
+        return done
 
 
 def _pack(value: Any) -> bytes:

@@ -96,6 +96,15 @@ def parse_found(value: Any, count: int, limits: Limits) -> list[tuple[list[DHTRe
         if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], list):
             raise ValueError("find result must be [records, nearest]")
         records = parse_records(item[0], limits)
-        nearest = [p for p in (parse_peer(p) for p in item[1][:256]) if p is not None]
+        nearest = []
+        for peer in item[1][:256]:
+            # the common, well-formed case inline (this runs for every contact of every find reply)
+            if (
+                type(peer) is list and len(peer) == 2 and type(peer[0]) is bytes and len(peer[0]) == ID_BYTES
+                and type(peer[1]) is str and peer[1].startswith("tcp://") and len(peer[1]) <= MAX_ADDRESS_BYTES
+            ):
+                nearest.append((int.from_bytes(peer[0], "big"), peer[1]))
+            elif (parsed := parse_peer(peer)) is not None:
+                nearest.append(parsed)
         out.append((records, nearest))
     return out

@@ -187,7 +187,10 @@ class RoutingTable:
     def nearest(self, target: int, count: int, exclude: int | None = None) -> list[tuple[int, str]]:
         """The ``count`` known contacts closest to ``target`` by XOR distance (banned ones last)."""
         contacts = [(nid, addr) for bucket in self.buckets for nid, addr in bucket.nodes.items() if nid != exclude]
-        contacts.sort(key=lambda c: (self.is_banned(c[0]), c[0] ^ target))
+        if self.banned_until:
+            contacts.sort(key=lambda c: (self.is_banned(c[0]), c[0] ^ target))
+        else:
+            contacts.sort(key=lambda c: c[0] ^ target)
         return contacts[:count]
 
     def stale_buckets(self, older_than: float) -> list[KBucket]:

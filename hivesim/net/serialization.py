@@ -9,6 +9,7 @@ received frames, again without copying where possible.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -52,8 +53,36 @@ class Packed:
         return len(self.body) + sum(int(b.numel()) for b in self.buffers)
 
 
+class _HasBuffers(Exception):
+    """Raised by the plain packer on a tensor or array: that message takes the full path."""
+
+
+def _plain_default(value: Any) -> Any:
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise _HasBuffers
+
+
+_local = threading.local()
+
+
+def _plain_packer() -> msgpack.Packer:
+    """This thread's reusable packer for messages without buffers (most RPCs): building a Packer per
+    message costs more than packing a small message."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(default=_plain_default, use_bin_type=True)
+    return packer
+
+
 def pack(obj: Any, compression: Any = None) -> Packed:
     """Pack ``obj``; ``compression`` is None, a codec name, a Codec or a SizeAdaptiveCompression."""
+    try:
+        return Packed(_plain_packer().pack(obj), [])
+    except Exception:  # tensors, arrays, or something unsendable: the full path packs or explains it
+        pass  # (a msgpack Packer drops its partial output on an exception)
     policy: list[Callable[[torch.Tensor], Codec]] = []  # resolved on the first tensor: most messages have none
     buffers: list[torch.Tensor] = []
 
@@ -84,6 +113,8 @@ def pack(obj: Any, compression: Any = None) -> Packed:
             return value.item()
         raise TypeError(f"cannot send objects of type {type(value).__name__}")
 
+
+
     body = msgpack.packb(obj, default=default, use_bin_type=True)
     return Packed(body, buffers)
 
@@ -105,8 +136,21 @@ def as_uint8(buffer: Buffer) -> torch.Tensor:
         return torch.frombuffer(view, dtype=torch.uint8)
 
 
+def _no_buffers_hook(code: int, data: bytes) -> Any:
+    if code in (EXT_TENSOR, EXT_NDARRAY):
+        raise BadMessage("extension refers to a buffer of 0")
+    raise BadMessage(f"unknown extension type {code}")
+
+
 def unpack(body: bytes, buffers: Sequence[Buffer]) -> Any:
     """Rebuild what :func:`pack` packed. Raises :class:`BadMessage` on anything inconsistent."""
+    if not buffers:  # most messages: no tensors, so no views or hooks to set up
+        try:
+            return msgpack.unpackb(body, ext_hook=_no_buffers_hook, raw=False, strict_map_key=False)
+        except BadMessage:
+            raise
+        except Exception as e:
+            raise BadMessage(f"malformed message body: {type(e).__name__}: {e}") from None
     views = [as_uint8(b) for b in buffers]
     used: set[int] = set()
 
