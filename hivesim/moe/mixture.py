@@ -55,6 +55,7 @@ class RemoteMixtureOfExperts(nn.Module):
         failure_rate: hide each (sample, expert) pair with this probability before the top-k (simulated
             failures, as in the learning@home experiments).
         ban_time: seconds an expert that failed is left out of searches.
+        retries: fresh searches for samples whose experts all failed fast (within ``forward_timeout``).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class RemoteMixtureOfExperts(nn.Module):
         out_features: int | None = None,
         failure_rate: float = 0.0,
         ban_time: float = 5.0,
+        retries: int = 2,
         cache_ttl: float = 2.0,
         seed: int | None = None,
     ) -> None:
@@ -90,6 +92,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.allow_zero_outputs = allow_zero_outputs
         self.failure_rate = failure_rate
         self.ban_time = ban_time
+        self.retries = retries
         self.proj = nn.Linear(in_features, sum(self.grid_size))
         self._bridge = Bridge.resolve(dht)
         node = dht.node if hasattr(dht, "run_coroutine") else dht
@@ -132,23 +135,44 @@ class RemoteMixtureOfExperts(nn.Module):
         self.stats["search_seconds"] += time.perf_counter() - t0
         return found
 
-    async def _forward_async(self, x: torch.Tensor, per_dim: list[np.ndarray]) -> tuple[list[list[FoundExpert]], dict]:
+    async def _forward_async(self, x: torch.Tensor, per_dim: list[np.ndarray]) -> tuple[list[list[FoundExpert]], list]:
+        """Search, ask every chosen expert concurrently; samples left with no answer because their experts
+        failed fast (dead host, error) get a fresh search (the failed experts are now banned) while time
+        remains, up to ``retries`` times. Returns the chosen experts and ``[(expert, rows, output)]``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.forward_timeout
         chosen = await self._search(per_dim)
-        batch = x.shape[0]
-        groups: dict[FoundExpert, list[tuple[int, int]]] = defaultdict(list)
-        for b, experts in enumerate(chosen):
-            for j, expert in enumerate(experts):
-                groups[_key(expert)].append((b, j))
-        answers: dict[FoundExpert, torch.Tensor] = {}
+        answers: list[tuple[FoundExpert, list[tuple[int, int]], torch.Tensor]] = []
+        rows_to_ask = list(range(x.shape[0]))
+        for attempt in range(1 + self.retries):
+            groups: dict[FoundExpert, list[tuple[int, int]]] = defaultdict(list)
+            for b in rows_to_ask:
+                for j, expert in enumerate(chosen[b]):
+                    groups[_key(expert)].append((b, j))
+            results: dict[FoundExpert, torch.Tensor] = {}
 
-        async def ask(expert: FoundExpert, rows: list[tuple[int, int]]) -> torch.Tensor:
-            index = torch.tensor([b for b, _ in rows])
-            return await call_forward(self._bridge.endpoint, expert.uid, expert.address, x[index], self.forward_timeout)
+            async def ask(expert: FoundExpert, rows: list[tuple[int, int]]) -> torch.Tensor:
+                index = torch.tensor([b for b, _ in rows])
+                return await call_forward(self._bridge.endpoint, expert.uid, expert.address, x[index],
+                                          max(0.01, deadline - loop.time()))
 
-        tasks = {asyncio.ensure_future(ask(e, rows)): e for e, rows in groups.items()}
-        needs = [min(self.k_min, len(chosen[b])) for b in range(batch)]
-        await self._gather(tasks, groups, needs, self.forward_timeout, answers, "forward")
-        return chosen, {e: (groups[e], y) for e, y in answers.items()}
+            tasks = {asyncio.ensure_future(ask(e, rows)): e for e, rows in groups.items()}
+            needs = [min(self.k_min, len(chosen[b])) if b in set(rows_to_ask) else 0 for b in range(x.shape[0])]
+            await self._gather(tasks, groups, needs, deadline - loop.time(), results, "forward")
+            answers += [(e, groups[e], y) for e, y in results.items()]
+            answered_rows = {b for _, rows, _ in answers for b, _ in rows}
+            rows_to_ask = [b for b in rows_to_ask if b not in answered_rows]
+            if not rows_to_ask or attempt == self.retries or deadline - loop.time() < 0.05:
+                break
+            tried = {b: {e.uid for e in chosen[b]} for b in rows_to_ask}
+            fresh = await self._search([d[rows_to_ask] for d in per_dim])
+            self.stats["forward_retries"] += 1
+            for b, experts in zip(rows_to_ask, fresh):
+                chosen[b] = [e for e in experts if e.uid not in tried[b]] or chosen[b]
+            rows_to_ask = [b for b in rows_to_ask if chosen[b] and chosen[b][0].uid not in tried[b]]
+            if not rows_to_ask:
+                break
+        return chosen, answers
 
     async def _gather(self, tasks: dict[asyncio.Future, FoundExpert], groups: dict, needs: list[int],
                       timeout: float, answers: dict, kind: str) -> None:
@@ -197,9 +221,11 @@ class RemoteMixtureOfExperts(nn.Module):
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _backward_async(self, x: torch.Tensor, answered: dict, grad_outputs: torch.Tensor) -> torch.Tensor:
+    async def _backward_async(self, x: torch.Tensor, answered: list, grad_outputs: torch.Tensor) -> torch.Tensor:
         grad_x = torch.zeros_like(x)
-        groups = {e: rows for e, (rows, _) in answered.items()}
+        groups: dict[FoundExpert, list[tuple[int, int]]] = defaultdict(list)
+        for expert, rows, _ in answered:
+            groups[expert] += rows
 
         async def ask(expert: FoundExpert, rows: list[tuple[int, int]]) -> torch.Tensor:
             b_index = torch.tensor([b for b, _ in rows])
@@ -243,7 +269,7 @@ class _MoECall(torch.autograd.Function):
         for b, experts in enumerate(chosen):
             for j, expert in enumerate(experts):
                 coords[b, j] = torch.tensor(expert.coords)
-        for expert, (rows, y) in answered.items():
+        for expert, rows, y in answered:
             if y.dim() != 2 or y.shape[1] != moe.out_features:
                 raise ValueError(f"expert {expert.uid} returned shape {list(y.shape)}, expected [n, {moe.out_features}]")
             b_index = torch.tensor([b for b, _ in rows])

@@ -154,12 +154,10 @@ class Runtime:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            try:
-                task = self._queue.get(timeout=0.5 if self._pending else None)
+            try:  # block only when nothing is waiting to run
+                task = self._queue.get_nowait() if self._pending else self._queue.get()
             except queue.Empty:
-                task = None
-                if not self._pending:
-                    continue
+                pass
             else:
                 if task is None:
                     break
