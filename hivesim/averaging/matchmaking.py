@@ -202,7 +202,7 @@ class Matchmaker:
         refused: set[bytes] = set()
         busy_retry_at: dict[bytes, float] = {}
         poll = 0.05
-        settle = 0.3 * max(0.0, search.deadline - get_dht_time())
+        settle = 0.5 * max(0.0, search.deadline - get_dht_time())
         last_seen: frozenset = frozenset()
         last_change = time.monotonic()
         while True:
