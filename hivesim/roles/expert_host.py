@@ -2,7 +2,8 @@
 
 Params (all optional): ``uid_prefixes`` (one grid per prefix, e.g. one per DMoE layer; default
 ``["ffn"]``), ``grid_size``, ``expert_cls``, ``hidden_dim``, ``expert_kwargs``, ``lr`` (Adam),
-``max_batch_size``, ``expiration``, ``update_period``, ``device``, ``checkpoint_dir``, ``seed``.
+``max_batch_size``, ``expiration``, ``update_period``, ``device``, ``checkpoint_dir``,
+``checkpoint_period``, ``seed``.
 Which experts a peer hosts: ``expert_uids`` (a list or pattern such as ``"ffn.[0:4].[0:4]"``), or else
 its share of every grid: hosts are dealt the grid cells round-robin by the index in the peer's name
 (``experts.3`` is host 3) out of ``hosts``.
@@ -31,7 +32,8 @@ class ExpertHost(Role):
                  expert_uids: list[str] | str | None = None, hosts: int = 1, expert_cls: str = "ffn",
                  hidden_dim: int = 64, expert_kwargs: dict | None = None, lr: float = 1e-3,
                  max_batch_size: int = 4096, expiration: float = 30.0, update_period: float | None = None,
-                 device: str | None = None, checkpoint_dir: str | None = None, seed: int | None = None) -> None:
+                 device: str | None = None, checkpoint_dir: str | None = None, checkpoint_period: float | None = None,
+                 seed: int | None = None) -> None:
         super().__init__(peer)
         if expert_uids is not None:
             uids = expand_pattern(expert_uids) if isinstance(expert_uids, str) else list(expert_uids)
@@ -42,7 +44,7 @@ class ExpertHost(Role):
         self.server = ExpertServer.create(
             uids, expert_cls, hidden_dim, optimizer=adam(lr), device=device, expert_kwargs=expert_kwargs,
             seed=seed, dht=None, max_batch_size=max_batch_size, expiration=expiration, update_period=update_period,
-            checkpoint_dir=checkpoint_dir)
+            checkpoint_dir=checkpoint_dir, checkpoint_period=checkpoint_period)
 
     async def start(self) -> None:
         self.server.dht = self.peer.dht
