@@ -1,0 +1,72 @@
+"""The blocking ``DecentralizedAverager`` on ``DHT`` facades (hivemind's shape), and the study end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from hivesim import DHT
+from hivesim.averaging import DecentralizedAverager
+
+
+def test_blocking_averager_on_dht_facades():
+    dhts = [DHT()]
+    averagers: list[DecentralizedAverager] = []
+    try:
+        for _ in range(3):
+            dhts.append(DHT(initial_peers=dhts[0].get_visible_addresses()))
+        values = [1.0, 2.0, 3.0, 10.0]
+        averagers = [DecentralizedAverager([torch.full((5, 2), v), torch.zeros(3)], dht, prefix="facade",
+                                           target_group_size=4, compression="float16") for dht, v in zip(dhts, values)]
+        results: list = [None] * 4
+
+        def work(i: int) -> None:
+            results[i] = averagers[i].step(weight=1.0, timeout=20, gather={"i": i})
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        for i, result in enumerate(results):
+            assert result is not None and result.group_size == 4
+            assert sorted(g["i"] for g in result.values()) == [0, 1, 2, 3]
+            with averagers[i].get_tensors() as (a, b):
+                torch.testing.assert_close(a, torch.full((5, 2), 4.0))
+                a.add_(1.0)  # local changes persist
+            with averagers[i].get_tensors() as (a, b):
+                assert a[0, 0].item() == 5.0
+        # a lone averager gives up within its timeout
+        assert averagers[0].step(timeout=1.0) is None
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+def test_moshpit_study_end_to_end(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "hivesim.cli", "run", "topologies/moshpit_16.yaml", "duration=14", "workload.params.restarts=1", "workload.params.rounds=3", "workload.params.methods=[moshpit,allreduce]",
+         "workload.params.warmup=2", "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=root,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "moshpit_averaging.png").stat().st_size > 10_000
+    summary = json.loads((run_dir / "summary.json").read_text())
+    methods = summary["workload"]["methods"]
+    assert set(methods) == {"moshpit", "allreduce"}
+    for data in methods.values():
+        assert data["peers_reporting"] == [16, 16, 16, 16]  # every peer recorded every round
+    assert methods["moshpit"]["mse"][0] > 0.1
+    assert methods["moshpit"]["mse"][2] < 1e-9  # 4x4 grid: exact after two rounds
+    assert methods["allreduce"]["mse"][1] < 1e-9  # p = 0: everyone takes part, exact after one
+    assert "rounds to 1e-9" in (run_dir / "moshpit_table.md").read_text()
