@@ -13,7 +13,6 @@ from hivesim.net import (  # noqa: E402
     RPCError,
     RPCTimeout,
     ShapedLinks,
-    SizeAdaptiveCompression,
 )
 
 from hivesim.dht import (  # noqa: E402
@@ -25,6 +24,21 @@ from hivesim.dht import (  # noqa: E402
     get_dht_time,
     owner_marker,
 )
+
+# Public names whose modules import torch, loaded on first use (name -> module), so that a DHT-only
+# process (hundreds of packed DHT peers) never loads torch's ~300 MiB. Torch-using packages (averaging,
+# moe, optim) belong here rather than in an import block above.
+_LAZY = {"SizeAdaptiveCompression": "hivesim.net.codecs"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "DHT", "DHTNode", "SchemaValidator", "SignatureValidator", "ValueWithExpiration", "get_dht_time", "owner_marker",

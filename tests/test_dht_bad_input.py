@@ -39,6 +39,13 @@ async def healthy(nodes):
         (STORE, {"from": None, "records": [[b"k", None, b"v", "tomorrow"]]}, "expiration"),
         (STORE, {"from": None, "records": [[b"k", None, b"v", float("nan")]]}, "finite"),
         (STORE, {"from": None, "records": [[b"k", 7, b"v", 1e10]]}, "subkey"),
+        (FIND, {"from": None, "keys": [b"x" * 20], "n": 0}, "'n' must be"),
+        (FIND, {"from": None, "keys": [b"x" * 20], "n": "all"}, "'n' must be"),
+        (FIND, {"from": None, "keys": [b"x" * 20], "store": [[b"k", None, b"v", 1e10]]}, "'replicas'"),
+        (FIND, {"from": None, "keys": [b"x" * 20], "store": [[b"k", None, b"v", 1e10]], "replicas": -3}, "'replicas'"),
+        (FIND, {"from": None, "keys": [b"x" * 20], "store": "records", "replicas": 2}, "list"),
+        (FIND, {"from": None, "keys": [b"x" * 20], "store": [[b"k", None, b"v" * (65 << 10), 1e10]], "replicas": 2},
+         "value must be"),
     ],
 )
 async def test_malformed_requests_are_rejected(target, method, payload, reason):

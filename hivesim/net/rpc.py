@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import torch
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
@@ -832,8 +831,11 @@ class Endpoint:
             buffers.append(frame.buffer)
         if missing and self._pending_bytes + missing > self.max_pending_bytes:
             raise BadMessage(f"too many streamed bytes in flight ({self._pending_bytes + missing})")
-        for index in streamed_set:  # allocated lazily by the OS: pages only exist once data arrives
-            buffers[index] = torch.empty(sizes[index], dtype=torch.uint8)
+        if streamed_set:
+            import torch  # only streamed (tensor or array) messages need it: DHT-only processes never load it
+
+            for index in streamed_set:  # allocated lazily by the OS: pages only exist once data arrives
+                buffers[index] = torch.empty(sizes[index], dtype=torch.uint8)
         incoming = _Incoming(header, buffers, missing, total + len(header.get("b", b"")))
         self._note_arrival(incoming, header, incoming.nbytes - missing)
         if missing:
@@ -854,9 +856,10 @@ class Endpoint:
         index, offset = header.get("x"), header.get("o")
         if len(frames) != 2 or not isinstance(index, int) or not isinstance(offset, int):
             raise BadMessage("a chunk needs a buffer index, an offset and one data frame")
-        if not 0 <= index < len(incoming.buffers) or not isinstance(incoming.buffers[index], torch.Tensor):
+        streamed = incoming.header.get("S", ())
+        if not 0 <= index < len(incoming.buffers) or index not in streamed:
             raise BadMessage(f"chunk for buffer {index}, which is not streamed")
-        target: torch.Tensor = incoming.buffers[index]
+        target = incoming.buffers[index]  # a uint8 torch tensor made by _on_head
         data = frames[1]
         size = len(data)
         if offset < 0 or offset + size > target.numel() or size > incoming.missing:
@@ -954,7 +957,8 @@ def _expire(future: asyncio.Future) -> None:
         future.set_exception(asyncio.TimeoutError())
 
 
-def _frame(buffer: torch.Tensor) -> Any:
+def _frame(buffer: Any) -> Any:
+    """A 1-D uint8 tensor as a frame ZeroMQ can send without copying."""
     return memoryview(buffer.numpy()) if buffer.numel() else b""
 
 

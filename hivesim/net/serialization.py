@@ -5,6 +5,10 @@ replaced by a msgpack extension that describes it (buffer index, dtype, shape, c
 small metadata) while its bytes go to a separate buffer list. The RPC layer sends those buffers as
 their own ZeroMQ frames without copying them, and ``unpack`` rebuilds the tensors on top of the
 received frames, again without copying where possible.
+
+torch is imported only when a message carries buffers: a process that only exchanges plain messages
+(a DHT node) never loads it, which saves about 300 MiB per process when hundreds of peers are packed
+into a few processes.
 """
 
 from __future__ import annotations
@@ -14,26 +18,45 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import msgpack
 import numpy as np
-import torch
 
-from hivesim.net.codecs import NONE, Codec, as_policy, get_codec
 from hivesim.net.errors import BadMessage
+
+if TYPE_CHECKING:
+    import torch
+
+    from hivesim.net.codecs import Codec
 
 EXT_TENSOR = 1
 EXT_NDARRAY = 2
 
+_DTYPE_NAMES = (
+    "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
+    "int8", "uint8", "int16", "int32", "int64", "bool", "uint16", "uint32", "uint64",
+)
+_dtype_tables: tuple[dict, dict] | None = None
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in (
-        "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
-        "int8", "uint8", "int16", "int32", "int64", "bool", "uint16", "uint32", "uint64",
-    )
-    if hasattr(torch, name)
-}
-_TORCH_DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+def _torch_dtypes() -> tuple[dict[str, "torch.dtype"], dict["torch.dtype", str]]:
+    """(dtype by name, name by dtype), built on first use: importing torch is deferred until then."""
+    global _dtype_tables
+    if _dtype_tables is None:
+        import torch
+
+        by_name = {name: getattr(torch, name) for name in _DTYPE_NAMES if hasattr(torch, name)}
+        _dtype_tables = by_name, {dtype: name for name, dtype in by_name.items()}
+    return _dtype_tables
+
+
+def __getattr__(name: str) -> Any:  # TORCH_DTYPES stays importable without importing torch up front
+    if name == "TORCH_DTYPES":
+        return _torch_dtypes()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _NUMPY_KINDS = set("biufc")  # bool, int, uint, float, complex: never object or void
 
 Buffer = Any  # anything with the buffer protocol: bytes, memoryview, zmq.Frame.buffer, uint8 tensor
@@ -44,7 +67,7 @@ class Packed:
 
     __slots__ = ("body", "buffers")
 
-    def __init__(self, body: bytes, buffers: list[torch.Tensor]) -> None:
+    def __init__(self, body: bytes, buffers: list["torch.Tensor"]) -> None:
         self.body = body
         self.buffers = buffers  # 1-D contiguous uint8 tensors
 
@@ -83,6 +106,11 @@ def pack(obj: Any, compression: Any = None) -> Packed:
         return Packed(_plain_packer().pack(obj), [])
     except Exception:  # tensors, arrays, or something unsendable: the full path packs or explains it
         pass  # (a msgpack Packer drops its partial output on an exception)
+    import torch
+
+    from hivesim.net.codecs import as_policy
+
+    _, dtype_names = _torch_dtypes()
     policy: list[Callable[[torch.Tensor], Codec]] = []  # resolved on the first tensor: most messages have none
     buffers: list[torch.Tensor] = []
 
@@ -91,14 +119,14 @@ def pack(obj: Any, compression: Any = None) -> Packed:
             tensor = value.detach()
             if tensor.device.type != "cpu":
                 tensor = tensor.cpu()
-            if tensor.dtype not in _TORCH_DTYPE_NAMES:
+            if tensor.dtype not in dtype_names:
                 raise TypeError(f"cannot send tensors of dtype {tensor.dtype}")
             if not policy:
                 policy.append(as_policy(compression))
             codec = policy[0](tensor)
             payload, meta = codec.encode(tensor)
             buffers.append(payload)
-            desc = [len(buffers) - 1, _TORCH_DTYPE_NAMES[tensor.dtype], list(tensor.shape), codec.name, meta]
+            desc = [len(buffers) - 1, dtype_names[tensor.dtype], list(tensor.shape), codec.name, meta]
             return msgpack.ExtType(EXT_TENSOR, msgpack.packb(desc, use_bin_type=True))
         if isinstance(value, np.ndarray):
             if value.dtype.kind not in _NUMPY_KINDS:
@@ -119,8 +147,10 @@ def pack(obj: Any, compression: Any = None) -> Packed:
     return Packed(body, buffers)
 
 
-def as_uint8(buffer: Buffer) -> torch.Tensor:
+def as_uint8(buffer: Buffer) -> "torch.Tensor":
     """View any buffer as a 1-D uint8 tensor without copying."""
+    import torch
+
     if isinstance(buffer, torch.Tensor):
         return buffer.reshape(-1).view(torch.uint8)
     view = memoryview(buffer)
@@ -151,7 +181,7 @@ def unpack(body: bytes, buffers: Sequence[Buffer]) -> Any:
             raise
         except Exception as e:
             raise BadMessage(f"malformed message body: {type(e).__name__}: {e}") from None
-    views = [as_uint8(b) for b in buffers]
+    views = [as_uint8(b) for b in buffers]  # buffers mean tensors or arrays: torch is needed from here on
     used: set[int] = set()
 
     def take(index: Any) -> torch.Tensor:
@@ -185,11 +215,15 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _decode_tensor(desc: Any, take: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+def _decode_tensor(desc: Any, take: Callable[[Any], "torch.Tensor"]) -> "torch.Tensor":
+    import torch
+
+    from hivesim.net.codecs import NONE, get_codec
+
     if not isinstance(desc, list) or len(desc) != 5:
         raise BadMessage("bad tensor descriptor")
     index, dtype_name, shape, codec_name, meta = desc
-    dtype = TORCH_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    dtype = _torch_dtypes()[0].get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise BadMessage(f"unknown tensor dtype {dtype_name!r}")
     shape = _check_shape(shape)
@@ -218,7 +252,7 @@ def _decode_tensor(desc: Any, take: Callable[[Any], torch.Tensor]) -> torch.Tens
     return tensor
 
 
-def _decode_ndarray(desc: Any, take: Callable[[Any], torch.Tensor]) -> np.ndarray:
+def _decode_ndarray(desc: Any, take: Callable[[Any], "torch.Tensor"]) -> np.ndarray:
     if not isinstance(desc, list) or len(desc) != 3 or not isinstance(desc[1], str):
         raise BadMessage("bad array descriptor")
     index, dtype_str, shape = desc
