@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,10 @@ from hivesim.peer import Peer
 
 
 class LocalSwarm:
-    """Peers started in the running event loop; ``latency`` (one-way seconds per hop) shapes every link."""
+    """Peers started in the running event loop; ``latency`` (one-way seconds per hop, or a function of
+    ``(src, dst)`` that a sweep can change while peers run) shapes every link."""
 
-    def __init__(self, latency: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, latency: float | Callable[[str, str], float] = 0.0, seed: int = 0) -> None:
         self.latency = latency
         self.seed = seed
         self.peers: dict[str, Peer] = {}
@@ -33,7 +34,9 @@ class LocalSwarm:
         self.t0 = time.time()
 
     def _links(self, name: str) -> ShapedLinks | None:
-        return ShapedLinks(name, self.latency, seed=self.seed) if self.latency > 0 else None
+        if callable(self.latency) or self.latency > 0:
+            return ShapedLinks(name, self.latency, seed=self.seed)
+        return None
 
     async def add(self, name: str, roles: dict[str, dict[str, Any]]) -> Peer:
         initial = [p.address for p in list(self.peers.values())[:3] if p.state == "running"]
@@ -56,6 +59,13 @@ class LocalSwarm:
         samples: list[dict[str, Any]] = []
         for peer in self.peers.values():
             samples += peer.metrics.drain()["samples"]
+        return samples
+
+    def collect_peek(self) -> list[dict[str, Any]]:
+        """Every sample so far, without draining."""
+        samples: list[dict[str, Any]] = []
+        for peer in self.peers.values():
+            samples += peer.metrics.snapshot()["samples"]
         return samples
 
     async def close(self) -> None:

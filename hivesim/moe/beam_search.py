@@ -5,8 +5,8 @@ is the sum of its coordinates' scores. The search is best-first over grid prefix
 ``score(prefix) + sum of the best scores of the remaining dimensions``: a prefix's bound is never below
 the score of any expert under it, so popping k complete experts in bound order yields exactly the k best
 experts among those declared alive. All samples advance together in rounds, and one round's prefix
-lookups go to the DHT as one ``get_many``. Prefix lookups are cached for ``cache_ttl`` seconds, empty
-answers too, so a batch of samples that share prefixes costs a handful of lookups, not one per sample.
+lookups go to the DHT as one ``get_many``. Prefix lookups are cached for ``cache_ttl`` seconds (empty
+answers for ``negative_ttl``), so a batch of samples that share prefixes costs a handful of lookups, not one per sample.
 Experts a caller saw fail can be banned for a while, so the search stops choosing a dead expert before its
 declaration expires.
 """
@@ -42,16 +42,19 @@ class MoEBeamSearcher:
         dht_node: an async :class:`~hivesim.dht.DHTNode` (searches run in its event loop).
         uid_prefix: e.g. ``"ffn"``; experts are ``ffn.i.j``.
         grid_size: the grid's shape, e.g. ``(32, 32)``.
-        cache_ttl: seconds a prefix lookup (found or empty) is reused.
+        cache_ttl: seconds a prefix lookup that found live children is reused.
+        negative_ttl: seconds an empty answer is reused (short: a lookup may come back empty only because
+            the network was slow, and a long negative cache would hide live experts).
         max_rounds: bound on search rounds (a guard; exactness needs ~ grid depth rounds).
     """
 
     def __init__(self, dht_node: Any, uid_prefix: str, grid_size: Sequence[int], *, cache_ttl: float = 2.0,
-                 max_rounds: int = 64, latest: bool = False) -> None:
+                 negative_ttl: float = 0.5, max_rounds: int = 64, latest: bool = False) -> None:
         self.node = dht_node
         self.uid_prefix = uid_prefix
         self.grid_size = tuple(int(g) for g in grid_size)
         self.cache_ttl = cache_ttl
+        self.negative_ttl = min(negative_ttl, cache_ttl)
         self.max_rounds = max_rounds
         self.latest = latest
         self._cache: dict[str, tuple[float, dict[int, Any]]] = {}
@@ -90,7 +93,7 @@ class MoEBeamSearcher:
                         if isinstance(sub, int) and getattr(item, "expiration_time", 0) > now_dht:
                             children[sub] = item.value
                 out[key] = children
-                self._cache[key] = (time.monotonic() + self.cache_ttl, children)
+                self._cache[key] = (time.monotonic() + (self.cache_ttl if children else self.negative_ttl), children)
         return out
 
     async def find_best_experts(self, grid_scores: Sequence[np.ndarray], k_best: int,

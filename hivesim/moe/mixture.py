@@ -282,10 +282,11 @@ class _MoECall(torch.autograd.Function):
         if empty.any():
             moe.stats["samples_without_experts"] += int(empty.sum())
             if not moe.allow_zero_outputs:
+                unfound = sum(1 for b in range(batch) if empty[b] and not chosen[b])
                 raise NoExpertsAvailable(
                     f"{int(empty.sum())} of {batch} samples got no answer from any expert of {moe.uid_prefix} "
-                    f"{moe.grid_size} within {moe.forward_timeout} s (dead, late or not declared); "
-                    f"pass allow_zero_outputs=True to get zeros instead")
+                    f"{moe.grid_size}: for {unfound} of them the DHT listed no live expert, the others' experts "
+                    f"failed or missed the {moe.forward_timeout} s timeout; pass allow_zero_outputs=True to get zeros instead")
         ctx.moe, ctx.answered = moe, answered
         ctx.save_for_backward(x_cpu)
         ctx.mark_non_differentiable(mask, coords)
