@@ -29,6 +29,8 @@ from hivesim.dht import (  # noqa: E402
 # process (hundreds of packed DHT peers) never loads torch's ~300 MiB. Torch-using packages (averaging,
 # moe, optim) belong here rather than in an import block above.
 _LAZY = {"SizeAdaptiveCompression": "hivesim.net.codecs"}
+_LAZY.update(dict.fromkeys(["ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts"],
+                           "hivesim.moe"))
 
 
 def __getattr__(name: str) -> object:
@@ -44,4 +46,5 @@ __all__ = [
     "DHT", "DHTNode", "SchemaValidator", "SignatureValidator", "ValueWithExpiration", "get_dht_time", "owner_marker",
     "BadMessage", "CallContext", "Endpoint", "Identity", "IdentityLinks", "PeerUnreachable", "RPCError",
     "RPCTimeout", "RemoteError", "ShapedLinks", "SizeAdaptiveCompression", "__version__",
+    "ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts",
 ]
