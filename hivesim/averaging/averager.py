@@ -80,6 +80,7 @@ class AveragerCore:
         compression: codec of the parts on the wire ("float16", "uniform8", a Codec or None).
         matchmaking_time, allreduce_timeout: fixed seconds; None adapts them to measured times.
         ban_time: seconds a peer that failed us is not waited on again.
+        merge_when_alone: alone under its key, look under the root key (off for a strict Moshpit grid).
         fault_hook: ``async hook(event, state)`` called at ``"group"`` and ``"reduced"`` (fault injection).
     """
 
@@ -88,7 +89,8 @@ class AveragerCore:
                  key_manager: GroupKeyManager | None = None, bandwidth: float | None = None,
                  client_mode: bool = False, auxiliary: bool = False, compression: Any = None,
                  matchmaking_time: float | None = None, allreduce_timeout: float | None = None,
-                 request_timeout: float = 3.0, ban_time: float = 30.0, fault_hook: FaultHook | None = None) -> None:
+                 request_timeout: float = 3.0, ban_time: float = 30.0, merge_when_alone: bool = True,
+                 fault_hook: FaultHook | None = None) -> None:
         if not tensors:
             raise ValueError("nothing to average: pass at least one tensor")
         if client_mode and auxiliary:
@@ -116,14 +118,14 @@ class AveragerCore:
         chunk = (target_group_size.bit_length() - 1) if target_group_size & (target_group_size - 1) == 0 else 0
         self.keys = key_manager or GroupKeyManager(prefix, initial_group_bits, chunk if initial_group_bits else 0)
         self.timings = Timings(
-            AdaptiveDeadline(matchmaking_time, initial=5.0, factor=3.0, margin=0.3, floor=0.3, ceiling=30.0),
+            AdaptiveDeadline(matchmaking_time, initial=5.0, factor=3.0, margin=0.5, floor=1.0, ceiling=30.0),
             AdaptiveDeadline(allreduce_timeout, initial=30.0, factor=3.0, margin=1.0, floor=2.0, ceiling=300.0),
         )
         self.bans = BanList(ban_time)
         name = f"avg.{prefix}"
         self.matchmaker = Matchmaker(endpoint, dht, name, target_group_size=target_group_size,
                                      min_group_size=min_group_size, client_mode=client_mode, bans=self.bans,
-                                     request_timeout=request_timeout)
+                                     request_timeout=request_timeout, merge_when_alone=merge_when_alone)
         self.allreduce = AllReduce(endpoint, name, self.bans, fault_hook)
         self.fault_hook = fault_hook
         self.started = False

@@ -1,11 +1,14 @@
 """Matchmaking through the DHT: who averages with whom this round.
 
-Every peer looking for a group declares itself under its group key (a DHT subkey per peer, expiring at
-its deadline). Peers are ranked by ``(deadline, peer id)``. A peer without followers asks the others to
+Every peer looking for a group declares itself under its group key (a DHT subkey per peer and search,
+expiring at its deadline, and withdrawn when the search ends so that nobody waits for it). Peers are ranked by ``(deadline, peer id)``. A peer without followers asks the others to
 lead it, best-ranked first; a peer accepts a worse-ranked follower any time it is not itself joining
 someone, and a better-ranked one only once it already leads a group. A peer that has followers never
 joins anyone and a peer that is joining accepts nobody, so no two peers ever wait on each other. A
 candidate that is following, full, or gone answers at once and is skipped.
+
+A peer that finds itself alone under its key for a while moves to the root key (``{prefix}.0b``),
+where every lonely peer goes too, so that the last stragglers of a swarm still find each other.
 
 A leader starts the round when its group reaches ``target_group_size``, when every live peer ranked
 below it under the key has joined it, or at its deadline if it has at least ``min_group_size`` members.
@@ -30,6 +33,7 @@ from typing import Any
 
 from hivesim.averaging.grid import member_order
 from hivesim.averaging.partition import optimal_shares
+from hivesim.averaging.timing import AdaptiveDeadline
 from hivesim.dht.node import DHTNode
 from hivesim.dht.storage import get_dht_time
 from hivesim.net.errors import PeerUnreachable, RPCError, RPCTimeout
@@ -59,7 +63,8 @@ class GroupInfo:
         return len(self.members)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"gid": self.group_id, "key": self.key, "members": self.members, "shares": self.shares}
+        return {"gid": self.group_id, "key": self.key, "members": self.members, "shares": self.shares,
+                "formed_in": self.formed_in}
 
 
 class BanList:
@@ -129,12 +134,14 @@ class Matchmaker:
         name: RPC namespace, unique per averager on the endpoint.
         target_group_size, min_group_size: group size bounds.
         client_mode: never lead (nobody can call this peer); only join.
+        merge_when_alone: a peer alone under its key moves to the root key after a quiet period, so that
+            lonely peers of different buckets still find each other.
         bans: shared with the all-reduce, which bans members that failed it.
         request_timeout: seconds to wait for a leader's answer to a join request.
     """
 
     def __init__(self, endpoint: Endpoint, dht: DHTNode, name: str, *, target_group_size: int, min_group_size: int,
-                 client_mode: bool, bans: BanList, request_timeout: float = 3.0) -> None:
+                 client_mode: bool, bans: BanList, request_timeout: float = 3.0, merge_when_alone: bool = True) -> None:
         if min_group_size < 1 or target_group_size < min_group_size:
             raise ValueError(f"need 1 <= min_group_size <= target_group_size, got {min_group_size}, {target_group_size}")
         self.endpoint = endpoint
@@ -145,9 +152,12 @@ class Matchmaker:
         self.client_mode = client_mode
         self.bans = bans
         self.request_timeout = request_timeout
+        self.merge_when_alone = merge_when_alone
         self.search: _Search | None = None
+        self._background: set[asyncio.Task] = set()
+        self.store_latency = AdaptiveDeadline(initial=0.1, factor=1.0, margin=0.0, floor=0.0, ceiling=10.0)
         self._recent: OrderedDict[bytes, _Search] = OrderedDict()  # by token, for late ``await`` calls
-        self.stats = {"join_requests": 0, "joins_refused": 0, "dht_gets": 0}
+        self.stats = {"join_requests": 0, "joins_refused": 0, "dht_gets": 0, "merges": 0}
 
     @property
     def join_method(self) -> str:
@@ -165,6 +175,8 @@ class Matchmaker:
         self.endpoint.unregister(self.join_method)
         self.endpoint.unregister(self.await_method)
         self._abandon(self.search)
+        for task in list(self._background):
+            task.cancel()
 
     # ------------------------------------------------------------------ the search
 
@@ -187,22 +199,52 @@ class Matchmaker:
     def _abandon(self, search: _Search | None) -> None:
         if search is None:
             return
+        if not search.closed and not self.endpoint.closed:
+            # withdraw the declaration (a later expiration wins in the DHT), so that nobody waits for us
+            task = asyncio.get_running_loop().create_task(self._withdraw(search))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         search.closed = True
         if search.outcome is not None and not search.outcome.done():
             search.outcome.set_result(None)  # followers waiting in ``await`` learn the group is off
         search.changed.set()
 
-    async def _search(self, search: _Search) -> GroupInfo | None:
-        me = search.me
-        value = [search.deadline, me["addr"], self.client_mode]
+    async def _withdraw(self, search: _Search, key: str | None = None) -> None:
+        tombstone = [0.0, "", False, search.me["id"]]
+        key = key or search.key
         try:
-            await self.dht.store(search.key, value, search.deadline, subkey=me["id"])
+            await self.dht.store(key, tombstone, search.deadline + 1e-3, subkey=search.me["id"] + search.token)
+        except Exception as e:
+            logger.debug("could not withdraw from %s: %r", key, e)
+
+    async def _declare(self, search: _Search) -> None:
+        me = search.me
+        value = [search.deadline, me["addr"], self.client_mode, me["id"]]
+        stored = time.monotonic()
+        try:
+            await self.dht.store(search.key, value, search.deadline, subkey=me["id"] + search.token)
         except Exception as e:  # the DHT being unhappy must not crash a step
             logger.debug("could not declare under %s: %r", search.key, e)
+        self.store_latency.observe(time.monotonic() - stored)
+
+    async def _move(self, search: _Search, key: str) -> None:
+        old, search.key = search.key, key
+        self.stats["merges"] += 1
+        task = asyncio.get_running_loop().create_task(self._withdraw(search, old))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        await self._declare(search)
+
+    async def _search(self, search: _Search) -> GroupInfo | None:
+        await self._declare(search)
         refused: set[bytes] = set()
         busy_retry_at: dict[bytes, float] = {}
         poll = 0.05
-        settle = 0.5 * max(0.0, search.deadline - get_dht_time())
+        # how long the set of declared peers must stay unchanged before a leader starts a group that is not
+        # full: long enough for a peer that has started looking to become visible (a few DHT stores)
+        # and a quarter of the window, which adapts to how long groups take to form
+        window = max(0.0, search.deadline - get_dht_time())
+        settle = min(0.5 * window, max(0.15, 4 * self.store_latency.value, 0.25 * window))
         last_seen: frozenset = frozenset()
         last_change = time.monotonic()
         while True:
@@ -212,6 +254,14 @@ class Matchmaker:
             if left <= 0:
                 return self._begin(search) if len(search.followers) + 1 >= self.min_group_size else None
             declared = await self._declared(search)
+            if (self.merge_when_alone and not declared and not search.followers and not search.key.endswith(".0b")
+                    and time.monotonic() - last_change >= 2 * settle):
+                # alone under this key: look at the root key (no bits), where every lonely peer looks too
+                await self._move(search, search.key[: search.key.rindex(".0b") + 3])
+                refused.clear()
+                busy_retry_at.clear()
+                last_seen, last_change = frozenset(), time.monotonic()
+                continue
             if not search.followers:
                 # better-ranked peers first; then worse-ranked ones, which accept only once they lead a group
                 # (worse-ranked ones only after a grace period alone: early on, they are about to join us)
@@ -262,17 +312,19 @@ class Matchmaker:
         if found is None or not isinstance(found.value, dict):
             return []
         now = get_dht_time()
-        out = []
-        for pid, item in found.value.items():
+        latest: dict[bytes, dict[str, Any]] = {}
+        for item in found.value.values():
             value = getattr(item, "value", None)
-            if not isinstance(pid, bytes) or not isinstance(value, list) or len(value) != 3:
+            if not isinstance(value, list) or len(value) != 4:
                 continue
-            deadline, addr, client = value
-            if not isinstance(deadline, (int, float)) or not isinstance(addr, str) or deadline <= now:
+            deadline, addr, client, pid = value
+            if not isinstance(deadline, (int, float)) or not isinstance(addr, str) or not isinstance(pid, bytes):
                 continue
-            if pid == search.me["id"] or pid in self.bans:
-                continue
-            out.append({"id": pid, "addr": addr, "client": bool(client), "rank": (float(deadline), pid)})
+            if deadline <= now or pid == search.me["id"] or pid in self.bans:
+                continue  # withdrawn (tombstones have deadline 0), expired, ourselves, or failed us lately
+            if pid not in latest or latest[pid]["rank"][0] < deadline:
+                latest[pid] = {"id": pid, "addr": addr, "client": bool(client), "rank": (float(deadline), pid)}
+        out = list(latest.values())
         search.bucket_size = len(out) + 1
         return out
 
@@ -340,8 +392,12 @@ class Matchmaker:
         ids = [m["id"] for m in members]
         if search.me["id"] not in ids:
             raise BadRequest("the group does not contain this peer")
+        # the leader's formation time (from the first arrival to a full group) is what deadlines should
+        # allow for; a follower that arrived last saw its group form at once
+        formed_in = wire.get("formed_in")
+        formed_in = float(formed_in) if isinstance(formed_in, (int, float)) and 0 <= formed_in < 3600 else 0.0
         return GroupInfo(gid, search.key, members, [float(s) for s in shares], ids.index(search.me["id"]),
-                         time.monotonic() - search.started, search.bucket_size)
+                         max(formed_in, time.monotonic() - search.started), search.bucket_size)
 
     def _begin(self, search: _Search) -> GroupInfo:
         """Leader: fix the group id, the order and the shares, and tell the followers."""
