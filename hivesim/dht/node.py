@@ -131,6 +131,8 @@ class DHTNode:
         initial_peers: addresses (``tcp://host:port``) of nodes already in the DHT.
         endpoint: an endpoint to serve on (shared with the peer's other roles); one is made if None.
         host, port, links: where a new endpoint binds and its link model.
+        endpoint_options: more :class:`~hivesim.net.Endpoint` arguments for a new endpoint (e.g. a small
+            ``pool_size`` when a process packs hundreds of nodes).
         identity: the node's key pair; its peer id is the node id.
         client_mode: make requests but never enter other nodes' routing tables (peers behind NAT).
         bucket_size: k; also how many nearest nodes a lookup settles on.
@@ -167,6 +169,7 @@ class DHTNode:
         host: str = "127.0.0.1",
         port: int = 0,
         links: LinkModel | None = None,
+        endpoint_options: dict[str, Any] | None = None,
         identity: Identity | None = None,
         client_mode: bool = False,
         bucket_size: int = 20,
@@ -202,7 +205,7 @@ class DHTNode:
             validators.append(SignatureValidator(self.identity))
         self.validator = CompositeValidator(validators)
         if endpoint is None:
-            endpoint = await Endpoint(host, port, links=links).start()
+            endpoint = await Endpoint(host, port, links=links, **(endpoint_options or {})).start()
             self._owns_endpoint = True
         self.endpoint = endpoint
         if not client_mode:

@@ -21,6 +21,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
@@ -29,8 +30,6 @@ from typing import Any
 
 import msgpack
 import zmq
-import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from hivesim.net.errors import BadMessage, PeerUnreachable, RemoteError, RPCError, RPCTimeout
 from hivesim.net.limits import shared_context
@@ -52,6 +51,9 @@ _monitor_ids = itertools.count()
 # plain ints: pyzmq's flag enums cost a Python-level enum operation per test on the hot path
 _POLLIN, _POLLOUT, _EVENTS, _NOBLOCK, _SNDMORE = (
     int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS), int(zmq.NOBLOCK), int(zmq.SNDMORE)
+)
+_HANDSHAKE_SUCCEEDED, _CONNECT_RETRIED, _DISCONNECTED = (
+    int(zmq.EVENT_HANDSHAKE_SUCCEEDED), int(zmq.EVENT_CONNECT_RETRIED), int(zmq.EVENT_DISCONNECTED)
 )
 # frames below this many bytes are copied into the message: cheaper than zero-copy bookkeeping
 _COPY_BELOW = 1 << 16
@@ -221,14 +223,15 @@ class _SocketIO:
 class _Connection:
     """One DEALER socket to one remote endpoint, with the task that reads its replies."""
 
-    __slots__ = ("address", "socket", "monitor", "io", "watcher", "calls", "last_used")
+    __slots__ = ("address", "socket", "monitor", "io", "monitor_io", "ready", "calls", "last_used")
 
-    def __init__(self, address: str, socket: zmq.Socket, monitor: zmq.asyncio.Socket) -> None:
+    def __init__(self, address: str, socket: zmq.Socket, monitor: zmq.Socket) -> None:
         self.address = address
         self.socket = socket
         self.monitor = monitor
-        self.io: _SocketIO | None = None
-        self.watcher: asyncio.Task | None = None
+        self.io: _SocketIO | None = None  # reads replies
+        self.monitor_io: _SocketIO | None = None  # reads connection events
+        self.ready: asyncio.Future | None = None  # done when the handshake succeeded (or failed)
         self.calls: set[int] = set()  # request ids waiting for a reply through this socket
         self.last_used = time.monotonic()
 
@@ -236,16 +239,10 @@ class _Connection:
     def inflight(self) -> int:
         return len(self.calls)
 
-    def tasks(self) -> list[asyncio.Task]:
-        return [self.watcher] if self.watcher is not None else []
-
-    def close_sockets(self) -> None:
-        _close_monitored(self.socket, self.monitor, self.io)
-
     def close(self) -> None:
-        for task in self.tasks():
-            task.cancel()
-        self.close_sockets()
+        _close_monitored(self.socket, self.monitor, self.io, self.monitor_io)
+        if self.ready is not None and not self.ready.done():
+            self.ready.cancel()
 
 
 class Endpoint:
@@ -365,7 +362,6 @@ class Endpoint:
             return
         self._closed = True
         tasks = list(self._serving)
-        tasks += [t for c in self._pool.values() for t in c.tasks()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -600,7 +596,8 @@ class Endpoint:
     async def _connect(self, address: str, deadline: float) -> _Connection:
         if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://", "inproc://")):
             raise PeerUnreachable(f"not an endpoint address: {address!r} (expected tcp://host:port)")
-        sock = zmq.Socket(shared_context(), zmq.DEALER)  # a plain socket: _SocketIO drives it
+        ctx = shared_context()
+        sock = zmq.Socket(ctx, zmq.DEALER)  # plain sockets: _SocketIO drives them
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer we are not connected to
         _tune(sock)
@@ -612,37 +609,30 @@ class Endpoint:
         # descriptor number, which a closed socket's monitor may still hold.
         monitor_address = f"inproc://hivesim-monitor-{next(_monitor_ids)}"
         sock.monitor(monitor_address, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED)
-        monitor = shared_context().socket(zmq.PAIR)
+        monitor = zmq.Socket(ctx, zmq.PAIR)
         monitor.setsockopt(zmq.LINGER, 0)
         monitor.connect(monitor_address)
+        loop = asyncio.get_running_loop()
+        conn = _Connection(address, sock, monitor)
+        conn.ready = loop.create_future()
+        conn.monitor_io = _SocketIO(monitor, loop, lambda frames: self._on_monitor_event(conn, frames))
         try:
             try:
                 sock.connect(address)
             except zmq.ZMQError as e:
                 raise PeerUnreachable(f"cannot connect to {address!r}: {e}") from None
-            limit = min(deadline, time.monotonic() + self.connect_timeout)
-            while True:
-                left = limit - time.monotonic()
-                if left <= 0:
-                    raise PeerUnreachable(f"no connection to {address} within {self.connect_timeout:.3g} s")
-                try:
-                    event = parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), left))
-                except asyncio.TimeoutError:
-                    continue
-                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    break
-                if event["event"] == zmq.EVENT_CONNECT_RETRIED:
-                    raise PeerUnreachable(f"{address} refused the connection")
+            left = min(deadline, time.monotonic() + self.connect_timeout) - time.monotonic()
+            try:
+                await asyncio.wait_for(conn.ready, max(0.0, left))
+            except asyncio.TimeoutError:
+                raise PeerUnreachable(f"no connection to {address} within {self.connect_timeout:.3g} s") from None
         except BaseException:
-            _close_monitored(sock, monitor)
+            conn.close()
             raise
-        conn = _Connection(address, sock, monitor)
         if self._closed:
             conn.close()
             raise RPCError("the endpoint is closed")
-        loop = asyncio.get_running_loop()
         conn.io = _SocketIO(sock, loop, self._on_reply)
-        conn.watcher = loop.create_task(self._watch(conn))
         self._pool[address] = conn
         self.stats["connections_opened"] += 1
         self._trim_pool()
@@ -664,26 +654,29 @@ class Endpoint:
         conn.close()
         self.stats["connections_closed"] += 1
 
-    async def _watch(self, conn: _Connection) -> None:
-        """Fail the calls waiting on ``conn`` as soon as its peer disconnects."""
-        while True:
-            try:
-                event = parse_monitor_message(await conn.monitor.recv_multipart())
-            except zmq.ZMQError:
-                return
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            self.stats["disconnects"] += 1
-            for rid in list(conn.calls):
-                future = self._pending.get(rid)
-                if future is not None and not future.done():
-                    future.set_exception(PeerUnreachable(f"{conn.address} disconnected during the call"))
-                    future.exception()
-            if self._pool.get(conn.address) is conn:
-                self._pool.pop(conn.address)
-                self.stats["connections_closed"] += 1
-            conn.close_sockets()
+    def _on_monitor_event(self, conn: _Connection, frames: list) -> None:
+        """Connection events: the handshake finishing (or being refused) and, later, the peer going away,
+        which fails the calls waiting on ``conn`` at once."""
+        event = struct.unpack_from("=H", frames[0].buffer)[0] if frames and len(frames[0]) >= 2 else -1
+        ready = conn.ready
+        if ready is not None and not ready.done():
+            if event == _HANDSHAKE_SUCCEEDED:
+                ready.set_result(None)
+            elif event == _CONNECT_RETRIED:
+                ready.set_exception(PeerUnreachable(f"{conn.address} refused the connection"))
+            return  # a disconnect before the handshake is retried by ZeroMQ until the connect timeout
+        if event != _DISCONNECTED:
             return
+        self.stats["disconnects"] += 1
+        for rid in list(conn.calls):
+            future = self._pending.get(rid)
+            if future is not None and not future.done():
+                future.set_exception(PeerUnreachable(f"{conn.address} disconnected during the call"))
+                future.exception()
+        if self._pool.get(conn.address) is conn:
+            self._pool.pop(conn.address)
+            self.stats["connections_closed"] += 1
+        conn.close()
 
     # ------------------------------------------------------------------ sending
 
@@ -926,24 +919,28 @@ class Endpoint:
                 incoming.timer.cancel()
 
 
-def _tune(sock: zmq.asyncio.Socket) -> None:
+def _tune(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
     sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
     sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)  # the kernel's defaults halve bulk throughput on loopback
     sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
 
 
-def _close_monitored(sock: zmq.Socket, monitor: zmq.asyncio.Socket, io: _SocketIO | None = None) -> None:
+def _close_monitored(
+    sock: zmq.Socket, monitor: zmq.Socket, io: _SocketIO | None = None, monitor_io: _SocketIO | None = None
+) -> None:
     if not sock.closed:
         try:
             sock.disable_monitor()
         except zmq.ZMQError:
             pass
-    if io is not None:
-        io.close()
+    for driver in (io, monitor_io):
+        if driver is not None:
+            driver.close()
     if not sock.closed:
         sock.close(0)
-    monitor.close(0)
+    if not monitor.closed:
+        monitor.close(0)
 
 
 def _loop_time(deadline: float) -> float:
