@@ -56,9 +56,13 @@ class LocalSwarm:
         self.events.append({"wall": time.time(), "t": time.time() - self.t0, "action": "kill", "peer": name, "ok": True})
 
     def collect(self) -> list[dict[str, Any]]:
+        """Drain every peer's samples; their events (step errors...) join :attr:`events`."""
         samples: list[dict[str, Any]] = []
         for peer in self.peers.values():
-            samples += peer.metrics.drain()["samples"]
+            drained = peer.metrics.drain()
+            samples += drained["samples"]
+            self.events += [dict(e, wall=e["t"], action=e.get("kind")) for e in drained["events"]
+                            if e.get("kind") not in ("started", "stopped", "killed")]
         return samples
 
     def collect_peek(self) -> list[dict[str, Any]]:

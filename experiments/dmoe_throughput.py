@@ -46,6 +46,7 @@ class ThroughputClient(Role):
         self.mode, self.layers, self.hidden, self.batch_size = mode, layers, hidden, batch_size
         self.experts_per_layer, self.active, self.timeout = experts_per_layer, active, timeout
         self.steps = 0
+        self.busy = False  # a step is in flight
 
     async def start(self) -> None:
         dht = self.peer.dht
@@ -78,6 +79,7 @@ class ThroughputClient(Role):
                 await asyncio.sleep(0.02)
                 continue
             started = time.time()
+            self.busy = True
             try:
                 await loop.run_in_executor(None, self._step, x)
             except Exception as e:  # noqa: BLE001 - counted; a failed step is not throughput
@@ -85,6 +87,8 @@ class ThroughputClient(Role):
                 self.peer.metrics.event("step_error", error=repr(e)[:200])
                 await asyncio.sleep(0.1)
                 continue
+            finally:
+                self.busy = False
             self.steps += 1
             self.peer.metrics.sample("step", time.time() - started, mode=self.mode, batch=self.batch_size, started=started)
 
@@ -150,12 +154,25 @@ async def sweep(latencies: list[float], *, hosts: int, layers: int, clients: int
             uids += [make_uid(f"layer{layer}", [e]) for layer in range(layers) for e in range(experts_per_layer)
                      if (layer * experts_per_layer + e) % hosts == h]
             await swarm.add(f"experts.{h}", {"expert_host": dict(expert_uids=uids, expert_cls="ffn", hidden_dim=hidden,
-                                                                expiration=600, seed=h)})
+                                                                expiration=60, update_period=10, seed=h)})
         role = "experiments.dmoe_throughput:ROLE"
         common = dict(layers=layers, hidden=hidden, batch_size=batch_size, experts_per_layer=experts_per_layer, active=False)
         mp = (await swarm.add("mp_client.0", {role: dict(common, mode="model_parallel")})).roles[role]
         dmoe = [(await swarm.add(f"dmoe_client.{c}", {role: dict(common, mode="dmoe")})).roles[role] for c in range(clients)]
+        # Declarations made while the swarm was two hosts live on those two nodes only; re-declare now that
+        # every client has joined, so the records reach the nodes nearest to their keys (as the periodic
+        # re-declaration would, a little later).
+        for h in range(hosts):
+            await swarm.peers[f"experts.{h}"].roles["expert_host"].server.declare()
         for mode, group in (("model_parallel", [mp]), ("dmoe", dmoe)):
+            current[0] = latencies[0]
+            first = [r.steps for r in group]
+            for r in group:  # unmeasured warm-up: every client connects, searches and completes a step
+                r.active = True
+            for _ in range(1200):
+                if all(r.steps > s for r, s in zip(group, first)):
+                    break
+                await asyncio.sleep(0.1)
             for latency in latencies:
                 current[0] = latency
                 for r in group:
@@ -166,7 +183,10 @@ async def sweep(latencies: list[float], *, hosts: int, layers: int, clients: int
                 end = time.time()
                 for r in group:
                     r.active = False
-                await asyncio.sleep(4 * layers * latency + 0.2)  # let the last steps finish
+                for _ in range(600):  # let the steps in flight finish before the latency changes
+                    if not any(r.busy for r in group):
+                        break
+                    await asyncio.sleep(0.1)
                 phase = dict(mode=mode, latency=latency, start=start, end=end)
                 phases.append(phase)
                 got = phase_throughput(swarm.collect_peek(), mode, start, end)
