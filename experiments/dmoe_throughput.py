@@ -169,17 +169,19 @@ async def sweep(latencies: list[float], *, hosts: int, layers: int, clients: int
             first = [r.steps for r in group]
             for r in group:  # unmeasured warm-up: every client connects, searches and completes a step
                 r.active = True
+            warm_start = time.time()
             for _ in range(1200):
                 if all(r.steps > s for r, s in zip(group, first)):
                     break
                 await asyncio.sleep(0.1)
+            step_time = time.time() - warm_start  # a (cold) step: windows span several steps of each client
             for latency in latencies:
                 current[0] = latency
                 for r in group:
                     r.active = True
                 await asyncio.sleep(max(1.0, 4 * layers * latency))  # warm-up: caches, connections, a first step
                 start = time.time()
-                await asyncio.sleep(max(min_window, 3 * 4 * layers * latency))
+                await asyncio.sleep(max(min_window, 3 * 4 * layers * latency, 3 * step_time))
                 end = time.time()
                 for r in group:
                     r.active = False
@@ -190,6 +192,7 @@ async def sweep(latencies: list[float], *, hosts: int, layers: int, clients: int
                 phase = dict(mode=mode, latency=latency, start=start, end=end)
                 phases.append(phase)
                 got = phase_throughput(swarm.collect_peek(), mode, start, end)
+                step_time = got["mean_step_s"] if got["steps"] else step_time
                 log(f"  {mode:15s} latency {1000 * latency:5.0f} ms: {got['samples_per_s']:8.1f} samples/s "
                     f"({got['steps']} steps, {got['clients']} clients, mean step {got['mean_step_s']:.3f} s)")
         return swarm.collect(), swarm.events, phases

@@ -120,3 +120,23 @@ def test_redeclaration_keeps_experts_findable_and_a_stopped_server_drops_out():
         time.sleep(4.5)  # > twice the expiration: only re-declared experts are still there
         assert found() == {"e.0.0", "e.0.1"}
         assert alive.declarations >= 6
+
+
+def test_expert_types_by_name_including_a_registered_custom_one():
+    import hivesim
+    from hivesim.moe import EXPERT_CLASSES, make_expert
+
+    assert {"ffn", "residual_ffn", "transformer", "delay", "test_raising"} <= set(EXPERT_CLASSES)
+    with pytest.raises(ValueError, match="unknown expert class"):
+        make_expert("nope", 4)
+    assert hivesim.RemoteMixtureOfExperts is not None and hivesim.ExpertServer is ExpertServer
+    torch.manual_seed(0)
+    with swarm() as s:
+        server = s.host(ExpertServer.create(["tr.0", "bad.0"], "transformer", 16))
+        server.backends["bad.0"].module = make_expert("test_raising", 16)
+        client = s.client()
+        x = torch.randn(2, 16, 16)
+        y = RemoteExpert("tr.0", server.address, dht=client)(x)
+        assert torch.allclose(y, server.backends["tr.0"].module(x), atol=1e-5)
+        with pytest.raises(ExpertFailed, match="this expert is broken"):
+            RemoteExpert("bad.0", server.address, dht=client)(x)
