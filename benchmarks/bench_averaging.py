@@ -31,7 +31,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import threading
 import time
 from typing import Any
@@ -143,6 +142,7 @@ def hivesim_workload(args: argparse.Namespace) -> dict[str, Any]:
 def hivemind_workload(args: argparse.Namespace) -> dict[str, Any]:
     _patch_signal()
     import hivemind
+    from hivemind.compression import Float16Compression
 
     root = hivemind.DHT(start=True)
     initial = root.get_visible_maddrs()
@@ -152,7 +152,7 @@ def hivemind_workload(args: argparse.Namespace) -> dict[str, Any]:
         dht = hivemind.DHT(initial_peers=initial, start=True)
         averager = hivemind.averaging.DecentralizedAverager(
             tensors[i], dht, prefix="my_tensor", initial_group_bits=group_bits(i, args.peers, args.group),
-            compression=hivemind.Float16Compression(), target_group_size=args.group,
+            compression=Float16Compression(), target_group_size=args.group,
             min_matchmaking_time=args.min_matchmaking_time, request_timeout=args.request_timeout, start=True)
         return dht, averager
 
@@ -261,7 +261,7 @@ def hivemind_big_allreduce(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_backend(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"backend": args.backend, "load": uptime()}
+    out: dict[str, Any] = {"backend": args.backend, "load": uptime(), "workload": {}}
     if args.backend == "hivesim":
         out["workload"] = hivesim_workload(args)
         if args.allreduce_floats > 0:

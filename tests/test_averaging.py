@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from hivesim.averaging import AveragerCore, BadRequest, grid_manager, load_balance, optimal_shares
+from hivesim.averaging import AveragerCore, grid_manager, load_balance, optimal_shares
 from hivesim.dht import DHTNode
-from hivesim.net import RemoteError, RPCTimeout, ShapedLinks
+from hivesim.net import RemoteError, ShapedLinks
 
 from dht_swarm import make_swarm, stop_all
 
@@ -273,9 +273,8 @@ async def test_malformed_requests_get_errors_and_the_peer_keeps_serving(swarm_fa
     bad_parts = [None, 5, {"gid": 3}, {"gid": b"x" * 100}, {"gid": b"g", "from": "me", "w": 1},
                  {"gid": b"g", "from": 0, "w": float("nan")}, {"gid": b"g", "from": 0, "w": -1}]
     for payload in bad_parts:
-        with pytest.raises(RemoteError) as info:
+        with pytest.raises(RemoteError, match="BadRequest"):
             await caller.call(target, "avg.bad.part", payload, timeout=5)
-        assert info.value.args and "BadRequest" in str(info.value) or "BadRequest" in repr(info.value)
     with pytest.raises(RemoteError, match="unknown group"):
         await caller.call(target, "avg.bad.part", {"gid": b"nope", "from": 0, "w": 1.0, "part": {}}, timeout=5)
     for payload in [None, {"key": 1}, {"key": "avg", "rank": [1, 2]}, {"key": "k", "rank": [1.0, b"x"], "peer": {"id": 5}}]:
@@ -312,5 +311,3 @@ async def test_wrong_arguments_are_refused(swarm_factory):
         AveragerCore(node.endpoint, node, [torch.ones(2)], prefix="x", target_group_size=2, initial_group_bits="012")
     with pytest.raises(ValueError):
         AveragerCore(node.endpoint, node, [torch.ones(2)], prefix="x", target_group_size=1, min_group_size=2)
-    assert BadRequest.__mro__[1] is ValueError
-    assert RPCTimeout is not None
