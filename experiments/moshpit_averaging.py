@@ -108,7 +108,7 @@ class MoshpitAveraging(Role):
         core = AveragerCore(self.peer.endpoint, self.peer.dht, [self.value], prefix=prefix, target_group_size=target,
                             min_group_size=target if method == "allreduce" else 2,
                             allreduce_timeout=max(0.5, 0.8 * (1 - self.matchmaking) * self.period), request_timeout=1.0,
-                            ban_time=self.period * 2, merge_when_alone=False)
+                            ban_time=self.period * 2, merge_when_alone=False, early_start=False)
         if method == "moshpit":
             placement = np.random.default_rng([self.seed, restart, 7]).permutation(self.n)
             core.keys = grid_manager(prefix, int(placement[self.rank]), self.side, self.dims)

@@ -81,6 +81,7 @@ class AveragerCore:
         matchmaking_time, allreduce_timeout: fixed seconds; None adapts them to measured times.
         ban_time: seconds a peer that failed us is not waited on again.
         merge_when_alone: alone under its key, look under the root key (off for a strict Moshpit grid).
+        early_start: start a group that is not full before the deadline when nobody else is waiting.
         fault_hook: ``async hook(event, state)`` called at ``"group"`` and ``"reduced"`` (fault injection).
     """
 
@@ -90,7 +91,7 @@ class AveragerCore:
                  client_mode: bool = False, auxiliary: bool = False, compression: Any = None,
                  matchmaking_time: float | None = None, allreduce_timeout: float | None = None,
                  request_timeout: float = 3.0, ban_time: float = 30.0, merge_when_alone: bool = True,
-                 fault_hook: FaultHook | None = None) -> None:
+                 early_start: bool = True, fault_hook: FaultHook | None = None) -> None:
         if not tensors:
             raise ValueError("nothing to average: pass at least one tensor")
         if client_mode and auxiliary:
@@ -125,7 +126,8 @@ class AveragerCore:
         name = f"avg.{prefix}"
         self.matchmaker = Matchmaker(endpoint, dht, name, target_group_size=target_group_size,
                                      min_group_size=min_group_size, client_mode=client_mode, bans=self.bans,
-                                     request_timeout=request_timeout, merge_when_alone=merge_when_alone)
+                                     request_timeout=request_timeout, merge_when_alone=merge_when_alone,
+                                     early_start=early_start)
         self.allreduce = AllReduce(endpoint, name, self.bans, fault_hook)
         self.fault_hook = fault_hook
         self.started = False

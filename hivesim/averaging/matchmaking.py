@@ -136,12 +136,15 @@ class Matchmaker:
         client_mode: never lead (nobody can call this peer); only join.
         merge_when_alone: a peer alone under its key moves to the root key after a quiet period, so that
             lonely peers of different buckets still find each other.
+        early_start: a leader may start a group that is not full before its deadline once every peer it
+            saw has joined (off for scheduled rounds, where waiting for the deadline costs nothing).
         bans: shared with the all-reduce, which bans members that failed it.
         request_timeout: seconds to wait for a leader's answer to a join request.
     """
 
     def __init__(self, endpoint: Endpoint, dht: DHTNode, name: str, *, target_group_size: int, min_group_size: int,
-                 client_mode: bool, bans: BanList, request_timeout: float = 3.0, merge_when_alone: bool = True) -> None:
+                 client_mode: bool, bans: BanList, request_timeout: float = 3.0, merge_when_alone: bool = True,
+                 early_start: bool = True) -> None:
         if min_group_size < 1 or target_group_size < min_group_size:
             raise ValueError(f"need 1 <= min_group_size <= target_group_size, got {min_group_size}, {target_group_size}")
         self.endpoint = endpoint
@@ -153,6 +156,7 @@ class Matchmaker:
         self.bans = bans
         self.request_timeout = request_timeout
         self.merge_when_alone = merge_when_alone
+        self.early_start = early_start
         self.search: _Search | None = None
         self._background: set[asyncio.Task] = set()
         self.store_latency = AdaptiveDeadline(initial=0.1, factor=1.0, margin=0.0, floor=0.0, ceiling=10.0)
@@ -291,7 +295,7 @@ class Matchmaker:
                 # (peers that have not declared yet cannot be seen: the quiet period gives them time)
                 joined = {f["id"] for f in search.followers}
                 waiting_below = [d for d in declared if (d["rank"] > search.rank or d["client"]) and d["id"] not in joined]
-                if not waiting_below and time.monotonic() - last_change >= settle:
+                if self.early_start and not waiting_below and time.monotonic() - last_change >= settle:
                     return self._begin(search)
             search.changed.clear()
             wait = min(max(0.0, search.deadline - get_dht_time()), poll)
