@@ -23,7 +23,14 @@ the round that triggers it (and it runs on a thread, not blocking the other work
 coroutines in one event loop, as in hivemind's: they await the ``return_future=True`` futures of either
 DHT (for a hivesim without that keyword, its blocking calls are made on a pool of threads).
 
-``--against hivemind`` runs the hivesim backend in this process, then the same workload, parameters and
+Where the peers run: hivemind's ``DHT`` is a child process per peer, each with its own p2p daemon (a
+second process), so its 16 peers are 32 processes spread over every core. hivesim's ``DHT`` facade runs
+all the peers of a process in one event loop, so in one process they share one core; the harness
+therefore spreads hivesim's peers over ``--hivesim-procs`` child processes (default: one per core),
+driven from here over hivesim RPC, one more RPC per op, counted in hivesim's times. ``--hivesim-procs 1``
+keeps every hivesim peer in this process (one core for all).
+
+``--against hivemind`` runs the hivesim backend first, then the same workload, parameters and
 seed on hivemind in a subprocess of a Python that has hivemind (``pip install hivemind`` in a separate
 venv: it must not share one with hivesim), and prints both with the ratio hivemind / hivesim.
 
@@ -145,6 +152,117 @@ class HivesimBackend:
             self.pool.close()
 
 
+class HivesimProcsBackend:
+    """hivesim's DHT with the peers spread over ``--hivesim-procs`` child processes (peer i in child
+    i % N), each child hosting its peers in one event loop and driven from here over hivesim RPC, as
+    hivemind's benchmark drives each of its DHT processes over a pipe. It lets hivesim use every core of
+    the machine, as hivemind's process per peer (plus its p2p daemon) does; one op costs one more RPC
+    (this process -> the child) than in the single-process backend."""
+
+    name = "hivesim"
+
+    def __init__(self, args: argparse.Namespace):
+        import hivesim
+        from hivesim import Endpoint, ValueWithExpiration, get_dht_time
+        from hivesim.dht.facade import _shared_loop
+
+        self.get_dht_time = get_dht_time
+        self.ValueWithExpiration = ValueWithExpiration
+        self.version = getattr(hivesim, "__version__", "?")
+        self.calls = f"{args.hivesim_procs} processes"
+        self.loop = _shared_loop.acquire()
+        self._shared_loop = _shared_loop
+        self.endpoint = self._run(Endpoint(default_timeout=args.op_timeout).start())
+        self.children = []
+        for _ in range(args.hivesim_procs):
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--hivesim-child"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.children.append((proc, proc.stdout.readline().strip()))
+        self.created = 0
+
+    def _run(self, coro, timeout: float = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _call(self, child: str, method: str, payload: Any) -> Any:
+        return self.endpoint.call(child, method, payload)
+
+    def create(self, initial_peers: list) -> Any:
+        child = self.children[self.created % len(self.children)][1]
+        self.created += 1
+        index, address = self._run(self._call(child, "bench.create", {"initial": list(initial_peers)}))
+        return (child, index, address)
+
+    def addresses(self, peer: Any) -> list:
+        return [peer[2]]
+
+    async def store(self, peer: Any, key: str, value: str, expiration_time: float, subkey: str) -> bool:
+        payload = {"peer": peer[1], "key": key, "value": value, "expiration": expiration_time, "subkey": subkey}
+        return bool(await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self._call(peer[0], "bench.store", payload), self.loop)))
+
+    async def get(self, peer: Any, key: str, latest: bool) -> Any:
+        found = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+            self._call(peer[0], "bench.get", {"peer": peer[1], "key": key, "latest": latest}), self.loop))
+        if found is None:
+            return None
+        value, expiration = found
+        if isinstance(value, dict):
+            value = {k: self.ValueWithExpiration(v, e) for k, (v, e) in value.items()}
+        return self.ValueWithExpiration(value, expiration)
+
+    def shutdown(self, peer: Any) -> None:
+        try:
+            self._run(self._call(peer[0], "bench.shutdown", {"peer": peer[1]}), 60)
+        except Exception:  # noqa: BLE001 - its child may be gone already
+            pass
+
+    def close(self) -> None:
+        for proc, _ in self.children:
+            proc.kill()
+            proc.wait()
+        self._run(self.endpoint.close())
+        self._shared_loop.release()
+
+
+def hivesim_child() -> None:
+    """A child of ``HivesimProcsBackend``: hosts DHT peers, serves the benchmark's calls on them."""
+    from hivesim import Endpoint
+    from hivesim.dht import DHTNode
+
+    async def main() -> None:
+        nodes: list = []
+        endpoint = await Endpoint().start()
+
+        async def create(payload, ctx):
+            nodes.append(await DHTNode.create(payload["initial"]))
+            return [len(nodes) - 1, nodes[-1].address]
+
+        async def store(payload, ctx):
+            node = nodes[payload["peer"]]
+            return await node.store(payload["key"], payload["value"], payload["expiration"], subkey=payload["subkey"])
+
+        async def get(payload, ctx):
+            found = await nodes[payload["peer"]].get(payload["key"], latest=payload["latest"])
+            if found is None:
+                return None
+            value = found.value
+            if isinstance(value, dict):
+                value = {k: [v.value, v.expiration_time] for k, v in value.items()}
+            return [value, found.expiration_time]
+
+        async def shutdown(payload, ctx):
+            await nodes[payload["peer"]].shutdown()
+            return True
+
+        for name, handler in (("create", create), ("store", store), ("get", get), ("shutdown", shutdown)):
+            endpoint.register(f"bench.{name}", handler)
+        print(endpoint.address, flush=True)
+        # ends when the parent closes our stdin (or dies), if it does not kill us first
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+
+
 class HivemindBackend:
     """hivemind's DHT: each peer is a child process (plus its p2p daemon) driven through a pipe; its
     ``return_future=True`` futures are awaited, as hivemind's own benchmark does."""
@@ -181,6 +299,12 @@ class HivemindBackend:
 
 
 BACKENDS = {"hivesim": HivesimBackend, "hivemind": HivemindBackend}
+
+
+def make_backend(args: argparse.Namespace) -> Any:
+    if args.backend == "hivesim" and args.hivesim_procs > 1:
+        return HivesimProcsBackend(args)
+    return BACKENDS[args.backend](args)
 
 
 def subkey_values(result: Any) -> dict | None:
@@ -347,6 +471,7 @@ def summary(values: list[float]) -> dict:
 
 
 def run_workload(backend, args) -> dict:
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     rng = random.Random(args.seed)
     log = lambda msg: print(f"[bench_dht:{backend.name}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     peers: list = []
@@ -379,6 +504,7 @@ def run_workload(backend, args) -> dict:
     count = {k: sum(part[k] for part in parts) for k in ("stores", "stores_ok", "gets", "gets_ok", "timeouts")}
     store, get = summary(merged["store_round"]), summary(merged["get_round"])
     return {
+        "load": load,
         "backend": backend.name,
         "version": backend.version,
         "calls": backend.calls,
@@ -450,6 +576,8 @@ def print_both(ours: dict, theirs: dict) -> None:
     p = ours["params"]
     print(f"DHT benchmark, same workload and seed: {p['peers']} peers, {p['workers']} workers x {p['rounds']} rounds, "
           f"{p['stores']} stores + {p['gets']} gets a round, failure rate {p['failure_rate']}, seed {p['seed']}")
+    print(f"  hivesim peers: {ours['calls']}; hivemind peers: a process and a p2p daemon each "
+          f"({os.cpu_count()} cores, load before the run {ours.get('load', '?')})")
     print(f"  {'':<22} {'hivesim ' + str(ours['version']):>16} {'hivemind ' + str(theirs['version']):>16} "
           f"{'hivemind/hivesim':>18}")
     for label, key, is_time in ROWS:
@@ -522,6 +650,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hivemind-python", default=None,
                         help=f"Python that has hivemind installed (default {DEFAULT_HIVEMIND_PYTHON})")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    parser.add_argument("--hivesim-procs", type=int, default=os.cpu_count() or 1,
+                        help="spread hivesim's peers over this many child processes (default: one per core, as "
+                             "hivemind's process per peer uses every core; 1: all peers in this process)")
+    parser.add_argument("--hivesim-child", action="store_true", help=argparse.SUPPRESS)
     w = parser.add_argument_group("workload (defaults: hivemind's benchmarks/benchmark_dht.py)")
     w.add_argument("--peers", type=int, default=16)
     w.add_argument("--initial-peers", type=int, default=4, help="earlier peers each new peer bootstraps from")
@@ -561,7 +693,10 @@ def raise_file_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_file_limit()
-    result = run_workload(BACKENDS[args.backend](args), args)
+    if args.hivesim_child:
+        hivesim_child()
+        return 0
+    result = run_workload(make_backend(args), args)
     if args.against:
         theirs = run_hivemind_subprocess(args)
         if theirs["params"] != result["params"]:

@@ -325,7 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-size", type=int, default=16, help="outgoing connections each peer keeps open")
     parser.add_argument("--replicas", type=int, default=8, help="DHTNode num_replicas")
     parser.add_argument("--rpc-timeout", type=float, default=5.0)
-    parser.add_argument("--concurrency", type=int, default=32, help="operations in flight per worker")
+    parser.add_argument("--concurrency", type=int, default=8, help="operations in flight per worker")
     parser.add_argument("--max-wave", type=int, default=32, help="most peers a worker starts per bootstrap wave")
     parser.add_argument("--step-timeout", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)

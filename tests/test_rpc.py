@@ -214,3 +214,36 @@ async def test_declared_size_limit_is_enforced(make_endpoint):
     with pytest.raises(BadMessage, match="more than"):
         await client.call(server.address, "echo", torch.zeros(1 << 19))  # 2 MiB > 1 MiB
     assert await client.call(server.address, "echo", 3) == 3
+
+
+async def test_request_is_call_as_a_future_with_the_same_errors(make_endpoint):
+    server, client = await make_endpoint(), await make_endpoint()
+    server.register("echo", lambda payload, ctx: payload)
+
+    async def fail(payload, ctx):
+        raise KeyError("nope")
+
+    async def slow(payload, ctx):
+        await asyncio.sleep(10)
+
+    server.register("fail", fail)
+    server.register("slow", slow)
+    assert await client.request(server.address, "echo", {"a": [1, b"x"]}) == {"a": [1, b"x"]}  # connects (task)
+    futures = [client.request(server.address, "echo", i) for i in range(50)]  # open connection: no tasks
+    assert not any(isinstance(f, asyncio.Task) for f in futures)
+    assert await asyncio.gather(*futures) == list(range(50))
+    with pytest.raises(RemoteError) as info:
+        await client.request(server.address, "fail")
+    assert info.value.remote_type == "KeyError"
+    start = time.monotonic()
+    with pytest.raises(RPCTimeout):
+        await client.request(server.address, "slow", timeout=0.3)
+    assert 0.25 < time.monotonic() - start < 2.0
+    abandoned = client.request(server.address, "slow", timeout=5)
+    abandoned.cancel()
+    await asyncio.sleep(0.05)
+    assert not client._pending and all(not c.calls for c in client._pool.values())  # nothing left behind
+    reply = await client.request(server.address, "echo", torch.arange(4.0))  # tensors go through too
+    assert torch.equal(reply, torch.arange(4.0))
+    with pytest.raises(PeerUnreachable):
+        await client.request("tcp://127.0.0.1:1", "echo", timeout=5)

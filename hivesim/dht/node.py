@@ -421,20 +421,18 @@ class DHTNode:
                         ride[contact].extend(riding[lookup.target])
             for (node_id, address), keys in batch.items():
                 riders = ride.get((node_id, address), [])
-                task = asyncio.get_running_loop().create_task(
-                    self._find_at(address, keys, want_values, riders, beam)
-                )
-                running.add(task)
-                task.add_done_callback(completions.add)
-                request_keys[task] = (node_id, address, keys)
+                request = self._find_at(address, keys, want_values, riders, beam)
+                running.add(request)
+                request.add_done_callback(completions.add)
+                request_keys[request] = (node_id, address, keys, riders)
 
         schedule()
         try:
             while running:
-                for task in await completions.take():
-                    running.discard(task)
-                    node_id, address, keys = request_keys.pop(task)
-                    answer = task.result()
+                for request in await completions.take():
+                    running.discard(request)
+                    node_id, address, keys, riders = request_keys.pop(request)
+                    answer = self._find_answer(request, address, len(keys), riders)
                     verdicts = answer[2] if answer is not None else None
                     if answer is None:
                         self.routing.mark_failed(node_id)
@@ -464,27 +462,33 @@ class DHTNode:
                     break  # every value is found: the requests still out cannot improve the answer
                 schedule()
         finally:
-            for task in running:
-                task.cancel()
+            for request in running:
+                request.cancel()
         return lookups
 
-    async def _find_at(
-        self, address: str, keys: list[int], want_values: bool, riders: list[DHTRecord] = (), replicas: int = 0
-    ) -> tuple[Any, list, list | None] | None:
-        """One find request; with ``riders``, a conditional store too (see :meth:`find_nearest`).
-        Returns (responder, found, verdicts on the riders or None), or None if it failed."""
-        payload: dict[str, Any] = {
-            "from": self._me(), "keys": [id_to_bytes(k) for k in keys], "values": want_values, "n": replicas or self.bucket_size,
-        }
+    def _find_at(
+        self, address: str, keys: list[int], want_values: bool, riders: list[DHTRecord], beam: int
+    ) -> asyncio.Future:
+        """Send one find request (with ``riders``, a conditional store too: see :meth:`find_nearest`) and
+        return the future of its reply, which :meth:`_find_answer` reads. No task per request."""
+        payload: dict[str, Any] = {"from": self._me(), "keys": [id_to_bytes(k) for k in keys], "values": want_values, "n": beam}
         if riders:
             payload["store"] = [r.to_wire() for r in riders]
-            payload["replicas"] = replicas
+            payload["replicas"] = beam
+        return self.endpoint.request(address, FIND, payload, timeout=self.rpc_timeout)
+
+    def _find_answer(
+        self, request: asyncio.Future, address: str, count: int, riders: list[DHTRecord]
+    ) -> tuple[Any, list, list | None] | None:
+        """(responder, found, verdicts on the riders or None) of a finished find, or None if it failed."""
         try:
-            reply = await self.endpoint.call(address, FIND, payload, timeout=self.rpc_timeout)
+            if request.cancelled():
+                raise RPCError("the request was cancelled")
+            reply = request.result()
             if not isinstance(reply, dict):
                 raise ValueError("find reply must be a map")
             responder = protocol.parse_peer(reply.get("from"))
-            found = protocol.parse_found(reply.get("found"), len(keys), self.limits)
+            found = protocol.parse_found(reply.get("found"), count, self.limits)
             verdicts = None
             if riders:
                 verdicts = reply.get("stored")
