@@ -266,7 +266,10 @@ class Matchmaker:
                 busy_retry_at.clear()
                 last_seen, last_change = frozenset(), time.monotonic()
                 continue
-            if not search.followers:
+            patient = not self.early_start and time.monotonic() - search.started < settle
+            if not search.followers and not patient:
+                # (in scheduled rounds everyone starts at once: wait a settle period first, so that every
+                # declaration is visible and everyone picks the same best-ranked leader)
                 # better-ranked peers first; then worse-ranked ones, which accept only once they lead a group
                 # (worse-ranked ones only after a grace period alone: early on, they are about to join us)
                 probe_worse = time.monotonic() - search.started >= settle / 2
