@@ -54,8 +54,8 @@ def test_blocking_averager_on_dht_facades():
 def test_moshpit_study_end_to_end(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, "-m", "hivesim.cli", "run", "topologies/moshpit_16.yaml", "duration=14", "workload.params.restarts=1", "workload.params.rounds=3", "workload.params.methods=[moshpit,allreduce]",
-         "workload.params.warmup=2", "--results-dir", str(tmp_path)],
+        [sys.executable, "-m", "hivesim.cli", "run", "topologies/moshpit_16.yaml", "duration=20", "workload.params.restarts=1", "workload.params.rounds=3", "workload.params.methods=[moshpit,allreduce]",
+         "workload.params.warmup=2", "workload.params.period=2.0", "--results-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=240, cwd=root,
     )
     assert out.returncode == 0, out.stderr[-3000:]
