@@ -33,7 +33,7 @@ def make_figures(run_dir: str | Path) -> list[Path]:
         if setup == "dmoe_churn":
             steps = np.sort([s["t"] for s in samples if s["name"] == "train_step" and s.get("setup") == setup])
             for event in run["events"]:
-                if event.get("setup") == setup and event.get("action") in ("kill", "join") and event.get("peer", "").startswith("experts") \
+                if event.get("setup", setup) == setup and event.get("action") in ("kill", "join") and event.get("peer", "").startswith("experts") \
                         and event.get("wall", 0) > steps[0]:
                     u = np.searchsorted(steps, event["wall"])
                     ax.axvline(u, color="tab:red" if event["action"] == "kill" else "tab:green", alpha=0.4, lw=1)
