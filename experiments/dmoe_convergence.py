@@ -213,9 +213,7 @@ async def run_setup(setup: str, *, hosts: int, trainers: int, updates: int, late
                 if action == "kill":
                     await swarm.kill(name)
                 else:  # a fresh peer under the same name restores the experts from their checkpoint
-                    old = swarm.peers.pop(name)
-                    params = dict(old.role_specs["expert_host"])
-                    await swarm.add(name, {"expert_host": params})
+                    await swarm.rejoin(name)
                 log(f"  {setup}: {action} {name} at {done} updates")
             await asyncio.sleep(0.2)
             if time.time() - t0 > 1800:

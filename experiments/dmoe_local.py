@@ -31,6 +31,7 @@ class LocalSwarm:
         self.seed = seed
         self.peers: dict[str, Peer] = {}
         self.events: list[dict[str, Any]] = []
+        self._retired: list[dict[str, Any]] = []  # samples of peers replaced by a rejoin
         self.t0 = time.time()
 
     def _links(self, name: str) -> ShapedLinks | None:
@@ -55,14 +56,24 @@ class LocalSwarm:
         await peer.kill()
         self.events.append({"wall": time.time(), "t": time.time() - self.t0, "action": "kill", "peer": name, "ok": True})
 
+    async def rejoin(self, name: str) -> Peer:
+        """A fresh peer under a killed peer's name, with the same roles (an expert host restores its
+        experts from its checkpoint folder); the old incarnation's metrics are kept."""
+        old = self.peers.pop(name)
+        self._retired += self._drain(old)
+        return await self.add(name, old.role_specs)
+
+    def _drain(self, peer: Peer) -> list[dict[str, Any]]:
+        drained = peer.metrics.drain()
+        self.events += [dict(e, wall=e["t"], action=e.get("kind")) for e in drained["events"]
+                        if e.get("kind") not in ("started", "stopped", "killed")]
+        return drained["samples"]
+
     def collect(self) -> list[dict[str, Any]]:
         """Drain every peer's samples; their events (step errors...) join :attr:`events`."""
-        samples: list[dict[str, Any]] = []
+        samples, self._retired = self._retired, []
         for peer in self.peers.values():
-            drained = peer.metrics.drain()
-            samples += drained["samples"]
-            self.events += [dict(e, wall=e["t"], action=e.get("kind")) for e in drained["events"]
-                            if e.get("kind") not in ("started", "stopped", "killed")]
+            samples += self._drain(peer)
         return samples
 
     def collect_peek(self) -> list[dict[str, Any]]:

@@ -18,6 +18,8 @@ async def test_convergence_with_a_host_killed_and_restored_from_its_checkpoint(t
     actions = [(e["action"], e["peer"]) for e in events if e["peer"].startswith("experts")]
     assert ("kill", "experts.0") in actions and ("kill", "experts.1") in actions
     assert actions.count(("join", "experts.0")) == 2  # it came back
+    declared = [e for e in events if e["action"] == "experts_declared" and e["peer"] == "experts.0"]
+    assert len(declared) == 2 and all(e["experts"] == 3 for e in declared)  # 9 experts over 3 hosts
     steps = [s for s in samples if s["name"] == "train_step"]
     assert len(steps) == 80  # every trainer reached its updates: no step was lost to the churn for good
     curve = accuracy_curve(samples, "dmoe_churn")

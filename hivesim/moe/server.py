@@ -91,6 +91,7 @@ class ExpertServer:
         self.checkpoint_period = checkpoint_period
         self.max_request_samples = max_request_samples or 8 * max_batch_size
         self.declarations = 0
+        self.restored: list[str] = []  # uids restored from checkpoint_dir at start
         self.declaration_failures = 0
         self.started_at = 0.0
         self._tasks: list[asyncio.Task] = []
@@ -154,7 +155,7 @@ class ExpertServer:
             self._endpoint = await Endpoint().start()
             self._owns_endpoint = True
         if self.checkpoint_dir is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.load_checkpoint)
+            self.restored = await asyncio.get_running_loop().run_in_executor(None, self.load_checkpoint)
         self.runtime.start()
         self.endpoint.register(FORWARD, self._rpc_forward, replace=True)
         self.endpoint.register(BACKWARD, self._rpc_backward, replace=True)

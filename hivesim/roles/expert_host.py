@@ -49,7 +49,7 @@ class ExpertHost(Role):
     async def start(self) -> None:
         self.server.dht = self.peer.dht
         await self.server.start()
-        self.peer.metrics.event("experts_declared", experts=len(self.server.backends))
+        self.peer.metrics.event("experts_declared", experts=len(self.server.backends), restored=len(self.server.restored))
         self.peer.spawn(self._until_killed(), name="expert_host.guard")
 
     async def _until_killed(self) -> None:
