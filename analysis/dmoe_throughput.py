@@ -25,7 +25,13 @@ def _points(run: dict) -> list[dict]:
     if not steps:
         return []
     start, end = min(s["started"] for s in steps), max(s["started"] + s["value"] for s in steps)
-    latency = run["summary"].get("latency", 0.0)
+    latency = 0.0
+    config = Path(run["dir"]) / "config.yaml"
+    if config.exists():  # a hivesim run: the topology's constant latency
+        import yaml
+
+        value = (yaml.safe_load(config.read_text()).get("network") or {}).get("latency", 0.0)
+        latency = float(value) if isinstance(value, (int, float)) else 0.0
     return [dict(mode=m, latency=latency, **phase_throughput(run["samples"], m, start, end))
             for m in sorted({s["mode"] for s in steps})]
 
