@@ -118,7 +118,13 @@ def test_redeclaration_keeps_experts_findable_and_a_stopped_server_drops_out():
         assert found() == {"e.0.0", "e.0.1", "e.1.0"}
         gone.shutdown()  # stops re-declaring
         time.sleep(4.5)  # > twice the expiration: only re-declared experts are still there
-        assert found() == {"e.0.0", "e.0.1"}
+        seen = found()
+        for _ in range(5):  # on a loaded machine a re-declaration may land late: look again shortly
+            if seen == {"e.0.0", "e.0.1"}:
+                break
+            time.sleep(0.3)
+            seen = found()
+        assert seen == {"e.0.0", "e.0.1"}
         assert alive.declarations >= 6
 
 

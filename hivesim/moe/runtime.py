@@ -76,6 +76,7 @@ class _Task:
     size: int
     future: Future
     submitted: float
+    fn: Callable[[], Any] | None = None  # for "call" tasks
 
 
 @dataclass
@@ -145,8 +146,7 @@ class Runtime:
         if self._thread is None:
             return fn()
         future: Future = Future()
-        self._queue.put(_Task("call", "", (), 0, future, time.perf_counter()))
-        future.fn = fn  # type: ignore[attr-defined]
+        self._queue.put(_Task("call", "", (), 0, future, time.perf_counter(), fn))
         return await asyncio.wrap_future(future)
 
     # ------------------------------------------------------------------ the runtime thread
@@ -178,7 +178,7 @@ class Runtime:
         if task.kind == "call":
             if task.future.set_running_or_notify_cancel():
                 try:
-                    task.future.set_result(task.future.fn())  # type: ignore[attr-defined]
+                    task.future.set_result(task.fn())  # type: ignore[misc]
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     task.future.set_exception(e)
             return
