@@ -146,3 +146,30 @@ def test_expert_types_by_name_including_a_registered_custom_one():
         assert torch.allclose(y, server.backends["tr.0"].module(x), atol=1e-5)
         with pytest.raises(ExpertFailed, match="this expert is broken"):
             RemoteExpert("bad.0", server.address, dht=client)(x)
+
+
+async def test_runtime_pools_concurrent_requests_into_batches():
+    import asyncio
+
+    from hivesim.moe import Runtime
+
+    backend = scaled("p.0", 3, 2.0, delay=0.2)
+    runtime = Runtime({"p.0": backend}, max_batch_size=8)
+    runtime.start()
+    try:
+        first = asyncio.ensure_future(runtime.forward("p.0", torch.ones(1, 3)))
+        for _ in range(200):  # wait until the runtime thread has taken the first request (now busy with it)
+            if runtime._queue.empty():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
+        rest = [asyncio.ensure_future(runtime.forward("p.0", torch.full((2, 3), float(i)))) for i in range(6)]
+        outputs = await asyncio.gather(first, *rest)
+        assert torch.equal(outputs[0], torch.full((1, 3), 2.0))
+        for i, y in enumerate(outputs[1:]):
+            assert torch.equal(y, torch.full((2, 3), 2.0 * i))  # each caller gets its own rows back
+        # 1 + 6 requests: the first alone, then 4 (8 samples) pooled, then the last 2
+        assert runtime.stats.requests == 7 and runtime.stats.batches == 3 and runtime.stats.samples == 13
+        assert runtime.stats.compute_seconds >= 0.6
+    finally:
+        runtime.stop()
