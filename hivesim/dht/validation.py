@@ -51,7 +51,8 @@ def owners_of(record: DHTRecord) -> set[bytes]:
     """Public keys named by ``[owner:...]`` markers in the record's key and subkey bytes."""
     found = set()
     for part in (record.key, record.subkey or b""):
-        found.update(bytes.fromhex(m.decode()) for m in _OWNER.findall(part))
+        if b"[owner:" in part:  # most records name no owner: skip the regular expression
+            found.update(bytes.fromhex(m.decode()) for m in _OWNER.findall(part))
     return found
 
 

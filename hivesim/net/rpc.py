@@ -149,22 +149,28 @@ class _SocketIO:
         for _ in range(self.BATCH):
             if self.closed:
                 return
-            try:
-                events = sock.getsockopt(_EVENTS)
-                if events & _POLLOUT and self.writers:
-                    self._wake_writers()
-                if not events & _POLLIN:
-                    return
-                frames = sock.recv_multipart(_NOBLOCK, copy=False)
+            try:  # receive until the socket says it has nothing: that also re-arms its descriptor
+                frame = sock.recv(_NOBLOCK, copy=False)
+                frames = [frame]
+                while frame.more:  # the parts of a message arrive together
+                    frame = sock.recv(0, copy=False)
+                    frames.append(frame)
             except zmq.Again:
-                return
+                break
             except zmq.ZMQError:
                 return  # closed under us
             try:
                 self.on_message(frames)
             except Exception:  # a bug in a handler path must not stop the reading
                 logger.exception("error while handling a message")
-        self.kick()  # more may be waiting: continue after other callbacks had their turn
+        else:
+            self.kick()  # more may be waiting: continue after other callbacks had their turn
+        if self.writers and not self.closed:
+            try:
+                if sock.getsockopt(_EVENTS) & _POLLOUT:
+                    self._wake_writers()
+            except zmq.ZMQError:
+                pass
 
     def _wake_writers(self) -> None:
         writers, self.writers = self.writers, []
@@ -181,8 +187,7 @@ class _SocketIO:
                 sock.send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, copy=len(frame) < _COPY_BELOW)
         except zmq.Again:
             return False
-        if sock.getsockopt(_EVENTS) & _POLLIN:
-            self.kick()  # the send consumed the descriptor's signal for waiting input
+        self.kick()  # the send may have consumed the descriptor's signal for waiting input: look soon
         return True
 
     async def send(self, frames: list, deadline: float) -> None:
