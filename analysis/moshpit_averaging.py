@@ -55,13 +55,20 @@ def _plot(ax: Any, result: dict[str, dict[str, Any]], title: str, paper: list | 
     ax.legend(fontsize=7, loc="lower left")
 
 
-def table_rows(result: dict[str, dict[str, Any]], n: int, p: float) -> list[str]:
+HEADER = ["| run | N | grid | p | method | MSE after rounds 1, 2, 3 | rounds to 1e-9 (hivesim, real peers) | paper (Table 1, N>=512) |",
+          "|---|---|---|---|---|---|---|---|"]
+
+
+def table_rows(result: dict[str, dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    n, side, dims, p = _describe(summary)
     paper = PAPER_TABLE.get((n, p), {})
     rows = []
     for method, data in result.items():
         got = data["rounds_to_1e-9"]
         shown = f"{got:g}" if got is not None else f">{data['rounds'][-1]} ({data['reached_1e-9']}/{data['restarts']} restarts reached it)"
-        rows.append(f"| {n} | {p:g} | {LABELS.get(method, method)} | {shown} | {paper.get(method, '-')} |")
+        mse = ", ".join(f"{v:.2g}" for v in data["mse"][1:4])
+        rows.append(f"| {summary.get('name', '')} | {n} | {'x'.join([str(side)] * dims)} | {p:g} | {LABELS.get(method, method)} "
+                    f"| {mse} | {shown} | {paper.get(method, '-')} |")
     return rows
 
 
@@ -78,8 +85,7 @@ def make_figures(run_dir: str | Path) -> list[Path]:
     path = Path(run_dir) / "moshpit_averaging.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    table = ["| N | p | method | rounds to 1e-9 (hivesim, real peers) | paper (Table 1, N>=512) |", "|---|---|---|---|---|"]
-    table += table_rows(result, n, p)
+    table = HEADER + table_rows(result, run["summary"])
     (Path(run_dir) / "moshpit_table.md").write_text("\n".join(table) + "\n")
     return [path]
 
@@ -90,13 +96,13 @@ def combine(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, str]:
     cols = min(3, len(runs))
     rows = (len(runs) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
-    table = ["| N | p | method | rounds to 1e-9 (hivesim, real peers) | paper (Table 1, N>=512) |", "|---|---|---|---|---|"]
+    table = list(HEADER)
     for ax, run in zip(axes.flat, runs):
         result = curves(run["samples"])
         n, side, dims, p = _describe(run["summary"])
         name = run["summary"].get("name", "")
         _plot(ax, result, f"{name}: N={n}, {'x'.join([str(side)] * dims)}, p={p:g}", PAPER_SMALL.get((n, side, dims, p)))
-        table += table_rows(result, n, p)
+        table += table_rows(result, run["summary"])
     for ax in list(axes.flat)[len(runs):]:
         ax.axis("off")
     fig.tight_layout()
