@@ -31,6 +31,7 @@ from hivesim.dht import (  # noqa: E402
 _LAZY = {"SizeAdaptiveCompression": "hivesim.net.codecs"}
 _LAZY.update(dict.fromkeys(["ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts"],
                            "hivesim.moe"))
+_LAZY["DecentralizedAverager"] = "hivesim.averaging"
 
 
 def __getattr__(name: str) -> object:
@@ -47,4 +48,5 @@ __all__ = [
     "BadMessage", "CallContext", "Endpoint", "Identity", "IdentityLinks", "PeerUnreachable", "RPCError",
     "RPCTimeout", "RemoteError", "ShapedLinks", "SizeAdaptiveCompression", "__version__",
     "ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts",
+    "DecentralizedAverager",
 ]

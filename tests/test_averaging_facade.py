@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from hivesim import DHT
-from hivesim.averaging import DecentralizedAverager
+from hivesim import DHT, DecentralizedAverager
 
 
 def test_blocking_averager_on_dht_facades():
