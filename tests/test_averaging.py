@@ -130,7 +130,8 @@ async def test_compression_error_is_bounded(swarm_factory, codec, bound):
     tensors = [[torch.randn(4096, generator=gen)] for _ in nodes]
     expected = torch.stack([t[0] for t in tensors]).mean(0)
     cores = await start(cores_for(nodes, tensors, prefix="cz", target_group_size=4, compression=codec))
-    await step_all(cores)
+    results = await step_all(cores)
+    assert all(r is not None and r.group_size == 4 for r in results)
     for core in cores:
         error = (core.tensors[0] - expected).abs().max().item()
         assert 0 < error < bound, (codec, error)  # lossy for real, and within the codec's bound

@@ -249,6 +249,7 @@ class Matchmaker:
         # and a quarter of the window, which adapts to how long groups take to form
         window = max(0.0, search.deadline - get_dht_time())
         settle = min(0.5 * window, max(0.15, 4 * self.store_latency.value, 0.25 * window))
+        look_around = min(settle, max(0.05, 2 * self.store_latency.value))
         last_seen: frozenset = frozenset()
         last_change = time.monotonic()
         while True:
@@ -266,10 +267,11 @@ class Matchmaker:
                 busy_retry_at.clear()
                 last_seen, last_change = frozenset(), time.monotonic()
                 continue
-            patient = not self.early_start and time.monotonic() - search.started < settle
+            patient = time.monotonic() - search.started < (settle if not self.early_start else look_around)
             if not search.followers and not patient:
-                # (in scheduled rounds everyone starts at once: wait a settle period first, so that every
-                # declaration is visible and everyone picks the same best-ranked leader)
+                # (peers that start together must see each other's declarations before choosing a leader, or two
+                # of them may each gather followers: wait a couple of DHT store times first, a whole settle
+                # period in scheduled rounds, where everyone starts at once)
                 # better-ranked peers first; then worse-ranked ones, which accept only once they lead a group
                 # (worse-ranked ones only after a grace period alone: early on, they are about to join us)
                 probe_worse = time.monotonic() - search.started >= settle / 2
