@@ -113,6 +113,22 @@ def run_threads(args: argparse.Namespace, make_peer: Any, step: Any, close: Any)
             "success_rate": round(counts["ok"] / max(1, counts["total"]), 4), "errors": errors[:5]}
 
 
+def run_averagers(args: argparse.Namespace, make_peer: Any, root: Any, tensors: list) -> dict[str, Any]:
+    """Run the averaging rounds on ``(dht, averager)`` pairs from ``make_peer`` (either library's), then
+    shut everything down: the part both workloads share."""
+
+    def close(handle: Any) -> None:
+        handle[1].shutdown()
+        handle[0].shutdown()
+
+    try:
+        out = run_threads(args, make_peer, lambda h: h[1].step(timeout=args.round_timeout) is not None, close)
+    finally:
+        root.shutdown()
+    out["floats_per_peer"] = sum(t.numel() for t in tensors[0])
+    return out
+
+
 def hivesim_workload(args: argparse.Namespace) -> dict[str, Any]:
     from hivesim import DHT
     from hivesim.averaging import DecentralizedAverager
@@ -127,16 +143,7 @@ def hivesim_workload(args: argparse.Namespace) -> dict[str, Any]:
                                          compression="float16", target_group_size=args.group, request_timeout=args.request_timeout)
         return dht, averager
 
-    def close(handle: Any) -> None:
-        handle[1].shutdown()
-        handle[0].shutdown()
-
-    try:
-        out = run_threads(args, make_peer, lambda h: h[1].step(timeout=args.round_timeout) is not None, close)
-    finally:
-        root.shutdown()
-    out["floats_per_peer"] = sum(t.numel() for t in tensors[0])
-    return out
+    return run_averagers(args, make_peer, root, tensors)
 
 
 def hivemind_workload(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,16 +163,7 @@ def hivemind_workload(args: argparse.Namespace) -> dict[str, Any]:
             min_matchmaking_time=args.min_matchmaking_time, request_timeout=args.request_timeout, start=True)
         return dht, averager
 
-    def close(handle: Any) -> None:
-        handle[1].shutdown()
-        handle[0].shutdown()
-
-    try:
-        out = run_threads(args, make_peer, lambda h: h[1].step(timeout=args.round_timeout) is not None, close)
-    finally:
-        root.shutdown()
-    out["floats_per_peer"] = sum(t.numel() for t in tensors[0])
-    return out
+    return run_averagers(args, make_peer, root, tensors)
 
 
 def _patch_signal() -> None:

@@ -444,7 +444,9 @@ class Endpoint:
                 self._handler_failed(origin, rid, method, e)
                 return
             if inspect.isawaitable(result):
-                self._track(self._finish(origin, rid, method, result, ctx))
+                task = self._track(self._finish(origin, rid, method, result, ctx))
+                if inspect.iscoroutine(result):  # a task cancelled before its first step (the endpoint
+                    task.add_done_callback(lambda _: result.close())  # closed) never starts the handler
                 return
             pending = self._reply(origin, rid, result, deadline)
             if pending is not None:
@@ -453,10 +455,11 @@ class Endpoint:
             self.stats["bad_messages"] += 1
             self._reply_error(origin, rid, "BadMessage", str(e))
 
-    def _track(self, coro: Any) -> None:
+    def _track(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
+        return task
 
     async def _finish(self, origin: bytes, rid: int, method: str, result: Awaitable, ctx: CallContext) -> None:
         """Await an async handler within the call's deadline (plus a second of grace), then reply."""
