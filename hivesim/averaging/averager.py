@@ -26,7 +26,7 @@ from hivesim.averaging.matchmaking import BanList, GroupInfo, Matchmaker
 from hivesim.averaging.timing import AdaptiveDeadline
 from hivesim.dht.node import DHTNode
 from hivesim.dht.storage import get_dht_time
-from hivesim.net.codecs import NONE, Codec, get_codec
+from hivesim.net.codecs import resolve_codec
 from hivesim.net.rpc import Endpoint
 
 logger = logging.getLogger(__name__)
@@ -52,16 +52,6 @@ class StepResult(dict):
 class Timings:
     matchmaking: AdaptiveDeadline
     allreduce: AdaptiveDeadline
-
-
-def _codec(compression: Any) -> Codec:
-    if compression is None:
-        return NONE
-    if isinstance(compression, Codec):
-        return compression
-    if isinstance(compression, str):
-        return get_codec(compression)
-    raise TypeError(f"compression must be None, a codec name or a Codec, got {type(compression).__name__}")
 
 
 class AveragerCore:
@@ -114,7 +104,7 @@ class AveragerCore:
         self.client_mode = client_mode
         self.auxiliary = auxiliary
         self.bandwidth = float(bandwidth or 1.0)
-        self.codec = _codec(compression)
+        self.codec = resolve_codec(compression)
         self.target_group_size = target_group_size
         chunk = (target_group_size.bit_length() - 1) if target_group_size & (target_group_size - 1) == 0 else 0
         self.keys = key_manager or GroupKeyManager(prefix, initial_group_bits, chunk if initial_group_bits else 0)

@@ -36,6 +36,7 @@ __all__ = [
     "BLOCKWISE8",
     "CODECS",
     "get_codec",
+    "resolve_codec",
     "SizeAdaptiveCompression",
     "as_policy",
 ]
@@ -398,12 +399,15 @@ def get_codec(name: str) -> Codec:
         raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(CODECS)}") from None
 
 
-def _resolve(codec: Codec | str) -> Codec:
+def resolve_codec(codec: Codec | str | None) -> Codec:
+    """A codec, a codec name, or None (no compression) -> the codec."""
+    if codec is None:
+        return NONE
     if isinstance(codec, Codec):
         return codec
     if isinstance(codec, str):
         return get_codec(codec)
-    raise TypeError(f"expected a Codec or a codec name, got {type(codec).__name__}")
+    raise TypeError(f"expected a Codec, a codec name or None, got {type(codec).__name__}")
 
 
 class SizeAdaptiveCompression:
@@ -414,8 +418,8 @@ class SizeAdaptiveCompression:
         if not isinstance(threshold, int) or threshold < 0:
             raise ValueError(f"threshold must be a non-negative int, got {threshold!r}")
         self.threshold = threshold
-        self.small = _resolve(small)
-        self.large = _resolve(large)
+        self.small = resolve_codec(small)
+        self.large = resolve_codec(large)
 
     def choose(self, tensor: torch.Tensor) -> Codec:
         """``large`` when numel >= threshold, else ``small``; NONE where that codec does not apply."""
@@ -434,7 +438,7 @@ def as_policy(spec: None | str | Codec | SizeAdaptiveCompression) -> Callable[[t
         return lambda tensor: NONE
     if isinstance(spec, SizeAdaptiveCompression):
         return spec.choose
-    codec = _resolve(spec)  # str or Codec; TypeError for anything else
+    codec = resolve_codec(spec)  # str or Codec; TypeError for anything else
 
     def policy(tensor: torch.Tensor) -> Codec:
         return codec if codec.applies_to(tensor.dtype) else NONE
