@@ -46,10 +46,13 @@ class MoEBeamSearcher:
         negative_ttl: seconds an empty answer is reused (short: a lookup may come back empty only because
             the network was slow, and a long negative cache would hide live experts).
         max_rounds: bound on search rounds (a guard; exactness needs ~ grid depth rounds).
+        latest: merge every replica's subkeys for each prefix (default). A prefix key collects one subkey
+            per server, and a replica that missed some servers' stores (e.g. it joined after them) would
+            otherwise answer with a partial list: the search would then miss live experts.
     """
 
     def __init__(self, dht_node: Any, uid_prefix: str, grid_size: Sequence[int], *, cache_ttl: float = 2.0,
-                 negative_ttl: float = 0.5, max_rounds: int = 64, latest: bool = False) -> None:
+                 negative_ttl: float = 0.5, max_rounds: int = 64, latest: bool = True) -> None:
         self.node = dht_node
         self.uid_prefix = uid_prefix
         self.grid_size = tuple(int(g) for g in grid_size)
