@@ -189,23 +189,12 @@ def hivesim_big_allreduce(args: argparse.Namespace) -> dict[str, Any]:
     from hivesim.averaging import AveragerCore
     from hivesim.dht import DHTNode
     from hivesim.net import Endpoint
+    from hivesim.net.rpc import measure_loopback
 
     n = int(args.allreduce_floats)
 
-    async def loopback(nbytes: int) -> float:
-        async with Endpoint() as a, Endpoint() as b:
-            b.register("sink", lambda payload, ctx: None)
-            payload = torch.ones(nbytes, dtype=torch.uint8)
-            await a.call(b.address, "sink", payload[:1024])
-            best = math.inf
-            for _ in range(2):
-                t0 = time.perf_counter()
-                await a.call(b.address, "sink", payload, timeout=600)
-                best = min(best, time.perf_counter() - t0)
-        return nbytes / best
-
     async def main() -> dict[str, Any]:
-        rate = await loopback(min(256 << 20, 4 * n))
+        rate = await measure_loopback(min(256 << 20, 4 * n), timeout=600)
         nodes = [await DHTNode.create()]
         for _ in range(3):
             nodes.append(await DHTNode.create([nodes[0].address]))

@@ -35,6 +35,7 @@ import ray
 import yaml
 
 from hivesim.net.identity import Identity
+from hivesim.net.rpc import measure_loopback
 from hivesim.sim.actor import PeerHost
 from hivesim.sim.network import LatencyModel, emulated_bandwidth, link_params
 from hivesim.sim.progress import Progress
@@ -167,7 +168,7 @@ class Runner:
         info: dict[str, Any] = {"emulated_uplink_total_Bps": emulated}
         if emulated is None or not self.topology.network.check_host_bandwidth:
             return info
-        measured = await _measure_loopback()
+        measured = await measure_loopback()
         info["measured_loopback_Bps"] = measured
         if emulated > 0.5 * measured:
             raise TopologyError(
@@ -445,21 +446,3 @@ def _shaper_summary(peers: list[dict[str, Any]]) -> dict[str, Any]:
         "max_late_ms": round(max((s["max_ms"] for s in shaped), default=0.0), 3),
         "share_late_over_1ms": round(sum(s["late_over_1ms"] for s in shaped) / count, 4) if count else 0.0,
     }
-
-
-async def _measure_loopback(nbytes: int = 32 << 20) -> float:
-    """Bytes/s one ZeroMQ endpoint moves to another in this process: what shaping can count on."""
-    import torch
-
-    from hivesim.net.rpc import Endpoint
-
-    async with Endpoint() as a, Endpoint() as b:
-        b.register("sink", lambda payload, ctx: None)
-        payload = torch.zeros(nbytes, dtype=torch.uint8)
-        await a.call(b.address, "sink", payload[:1024])
-        best = math.inf
-        for _ in range(2):
-            t0 = time.perf_counter()
-            await a.call(b.address, "sink", payload, timeout=60)
-            best = min(best, time.perf_counter() - t0)
-    return nbytes / best
