@@ -142,7 +142,8 @@ class DHTNode:
         alpha: requests in flight per key during a lookup.
         rpc_timeout: seconds to wait for one peer's answer.
         refresh_period: buckets without traffic for this long are refreshed by a lookup.
-        cache_nearest: after a successful get, store the value on this many nearest nodes that lacked it.
+        cache_nearest: after a successful get, store the value on this many of the nearest nodes asked
+            that lacked it (for a latest get: replicas that missed the newest version).
         record_validators: extra validators; signature checking of owned keys is always on.
         max_storage_bytes, limits: bounds on what peers can make this node hold or parse.
     """
@@ -605,9 +606,9 @@ class DHTNode:
         :class:`LookupStats`."""
         keys = list(dict.fromkeys(keys))
         targets = {key: key_id(key) for key in keys}
-        # Stores land on the ``num_replicas`` nearest nodes, so those hold the newest version; a latest
-        # lookup settles once they (and the ``cache_nearest`` next ones, to cache on) have answered.
-        beam = min(self.bucket_size, self.num_replicas + self.cache_nearest) if latest else None
+        # Stores land on the ``num_replicas`` nearest nodes, so those hold the newest version: a latest
+        # lookup settles once they have answered (and repairs any of them that lacked the value).
+        beam = self.num_replicas if latest else None
         lookups = await self.find_nearest(list(targets.values()), want_values=True, latest=latest, beam_size=beam)
         results: dict[Any, ValueWithExpiration | None] = {}
         for key, target in targets.items():
