@@ -15,6 +15,11 @@ The workload is the one of hivemind's own ``benchmarks/benchmark_dht.py`` (same 
   independently, so they may overlap the storers) all ``get(key, latest=True)`` at once, and a get
   succeeds when it returns exactly the subkeys whose store succeeded, with their values.
 
+Both DHTs store each value on ``--replicas`` nodes (default 5, hivemind's default, which its benchmark
+runs with): the work per op grows with it, so a fair comparison sets it the same on both sides.
+hivesim's own default is 8 (it survives a third of the swarm failing at once: see ``DHTNode``); run
+``--replicas 8`` to compare at that.
+
 A round's store (get) time is the wall time of its parallel stores (gets), as in hivemind's benchmark.
 Printed: the time to create the peers, store and get time (mean, std, max), the summed store and get
 time per worker, per-call means, success rates, and the total time of the rounds (peer creation not
@@ -125,10 +130,11 @@ class HivesimBackend:
         parameters = inspect.signature(DHT.store).parameters
         self.futures = "return_future" in parameters and "return_future" in inspect.signature(DHT.get).parameters
         self.calls = "return_future" if self.futures else "threads"
+        self.replicas = args.replicas
         self.pool = None if self.futures else DaemonPool(args.workers * max(args.stores, args.gets, 1), "hivesim-op")
 
     def create(self, initial_peers: list) -> Any:
-        return self.DHT(initial_peers=list(initial_peers), start=True)
+        return self.DHT(initial_peers=list(initial_peers), start=True, num_replicas=self.replicas)
 
     def addresses(self, peer: Any) -> list:
         return list(peer.get_visible_addresses())
@@ -173,6 +179,7 @@ class HivesimProcsBackend:
         self.loop = _shared_loop.acquire()
         self._shared_loop = _shared_loop
         self.op_timeout = args.op_timeout
+        self.replicas = args.replicas
         self.endpoint = self._run(Endpoint(default_timeout=args.op_timeout).start())
         self.children = []
         for _ in range(args.hivesim_procs):
@@ -190,7 +197,8 @@ class HivesimProcsBackend:
     def create(self, initial_peers: list) -> Any:
         child = self.children[self.created % len(self.children)][1]
         self.created += 1
-        index, address = self._run(self._call(child, "bench.create", {"initial": list(initial_peers)}))
+        payload = {"initial": list(initial_peers), "options": {"num_replicas": self.replicas}}
+        index, address = self._run(self._call(child, "bench.create", payload))
         return (child, index, address)
 
     def addresses(self, peer: Any) -> list:
@@ -243,7 +251,7 @@ def hivesim_child() -> None:
         endpoint = await Endpoint().start()
 
         async def create(payload, ctx):
-            nodes.append(await DHTNode.create(payload["initial"]))
+            nodes.append(await DHTNode.create(payload["initial"], **payload.get("options", {})))
             return [len(nodes) - 1, nodes[-1].address]
 
         async def store(payload, ctx):
@@ -286,10 +294,12 @@ class HivemindBackend:
         self.get_dht_time = get_dht_time
         self.version = hivemind.__version__
         self.wait_timeout = args.wait_timeout
+        self.replicas = args.replicas
         self.calls = "return_future"
 
     def create(self, initial_peers: list) -> Any:
-        return self.hivemind.DHT(initial_peers=list(initial_peers), start=True, wait_timeout=self.wait_timeout)
+        return self.hivemind.DHT(initial_peers=list(initial_peers), start=True, wait_timeout=self.wait_timeout,
+                                 num_replicas=self.replicas)
 
     def addresses(self, peer: Any) -> list:
         return list(peer.get_visible_maddrs())
@@ -574,8 +584,8 @@ def fmt(key: str, value: Any) -> str:
 def print_one(result: dict) -> None:
     p = result["params"]
     print(f"DHT benchmark: {result['backend']} {result['version']} ({result['calls']} calls): {p['peers']} peers, {p['workers']} workers x "
-          f"{p['rounds']} rounds, {p['stores']} stores + {p['gets']} gets a round, failure rate {p['failure_rate']}, "
-          f"seed {p['seed']}")
+          f"{p['rounds']} rounds, {p['stores']} stores + {p['gets']} gets a round, {p['replicas']} replicas, "
+          f"failure rate {p['failure_rate']}, seed {p['seed']}")
     for label, key, _ in ROWS:
         print(f"  {label:<22} {fmt(key, result[key]):>12}")
     print(f"  stores {result['stores_ok']}/{result['stores']}, gets {result['gets_ok']}/{result['gets']}")
@@ -588,7 +598,8 @@ def print_one(result: dict) -> None:
 def print_both(ours: dict, theirs: dict) -> None:
     p = ours["params"]
     print(f"DHT benchmark, same workload and seed: {p['peers']} peers, {p['workers']} workers x {p['rounds']} rounds, "
-          f"{p['stores']} stores + {p['gets']} gets a round, failure rate {p['failure_rate']}, seed {p['seed']}")
+          f"{p['stores']} stores + {p['gets']} gets a round, {p['replicas']} replicas, failure rate {p['failure_rate']}, "
+          f"seed {p['seed']}")
     print(f"  hivesim peers: {ours['calls']}; hivemind peers: a process and a p2p daemon each "
           f"({os.cpu_count()} cores, load before the run {ours.get('load', '?')})")
     print(f"  {'':<22} {'hivesim ' + str(ours['version']):>16} {'hivemind ' + str(theirs['version']):>16} "
@@ -652,7 +663,7 @@ def run_hivemind_subprocess(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ cli
 WORKLOAD_PARAMS = ["peers", "initial_peers", "workers", "rounds", "stores", "gets", "failure_rate", "expiration",
-                   "delay", "wait_after_round", "latest", "seed"]
+                   "delay", "wait_after_round", "latest", "replicas", "seed"]
 RUN_PARAMS = ["wait_timeout", "op_timeout", "timeout", "shutdown_timeout"]
 
 
@@ -679,6 +690,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--delay", type=float, default=0.0, help="sleep between a round's stores and its gets")
     w.add_argument("--wait-after-round", type=float, default=0.0, help="sleep after each round")
     w.add_argument("--latest", action=argparse.BooleanOptionalAction, default=True, help="get(key, latest=...)")
+    w.add_argument("--replicas", type=int, default=5,
+                   help="nodes each value is stored on, for both DHTs (default 5: hivemind's default; hivesim's is 8)")
     w.add_argument("--seed", type=int, default=30)
     r = parser.add_argument_group("bounds")
     r.add_argument("--wait-timeout", type=float, default=5.0, help="hivemind DHT(wait_timeout=...): its RPC timeout")
