@@ -250,11 +250,11 @@ def hivemind_big_allreduce(args: argparse.Namespace) -> dict[str, Any]:
 def run_backend(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"backend": args.backend, "load": uptime(), "workload": {}}
     if args.backend == "hivesim":
-        out["workload"] = hivesim_workload(args)
+        out["workload"] = {} if args.only_allreduce else hivesim_workload(args)
         if args.allreduce_floats > 0:
             out["allreduce"] = hivesim_big_allreduce(args)
     else:
-        out["workload"] = hivemind_workload(args)
+        out["workload"] = {} if args.only_allreduce else hivemind_workload(args)
         if args.allreduce_floats > 0 and args.hivemind_allreduce:
             out["allreduce"] = hivemind_big_allreduce(args)
     return out
@@ -262,10 +262,11 @@ def run_backend(args: argparse.Namespace) -> dict[str, Any]:
 
 def show(result: dict[str, Any], args: argparse.Namespace) -> None:
     w = result["workload"]
-    print(f"[{result['backend']}] {args.peers} peers, groups of {args.group}, {args.rounds} rounds, "
-          f"{w['floats_per_peer']:,} floats/peer, float16: {w['seconds']:.2f} s, "
-          f"{w['ok']}/{w['total']} steps found a group ({100 * w['success_rate']:.1f}%)"
-          + (f", {w['hung_threads']} threads hung" if w["hung_threads"] else ""))
+    if w:
+        print(f"[{result['backend']}] {args.peers} peers, groups of {args.group}, {args.rounds} rounds, "
+              f"{w['floats_per_peer']:,} floats/peer, float16: {w['seconds']:.2f} s, "
+              f"{w['ok']}/{w['total']} steps found a group ({100 * w['success_rate']:.1f}%)"
+              + (f", {w['hung_threads']} threads hung" if w["hung_threads"] else ""))
     big = result.get("allreduce")
     if big:
         line = f"[{result['backend']}] all-reduce of {big['floats']:,} float32 among 4 peers: step {big['step_s']:.2f} s"
@@ -293,6 +294,7 @@ def main() -> None:
     parser.add_argument("--spawn-dtime", type=float, default=0.1)
     parser.add_argument("--allreduce-floats", type=float, default=100e6, help="0 skips workload 2")
     parser.add_argument("--hivemind-allreduce", action="store_true", help="also run workload 2 on hivemind")
+    parser.add_argument("--only-allreduce", action="store_true", help="skip workload 1 (run workload 2 alone)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (used for the subprocess)")
     args = parser.parse_args()
 
@@ -310,6 +312,8 @@ def main() -> None:
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.hivemind_allreduce:
         command.append("--hivemind-allreduce")
+    if args.only_allreduce:
+        command.append("--only-allreduce")
     budget = args.rounds * (args.round_timeout + 30) * 2 + 600
     done = subprocess.run(command, capture_output=True, text=True, timeout=budget)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -319,6 +323,9 @@ def main() -> None:
     other = json.loads(lines[-1][len("RESULT "):])
     show(other, args)
     ours, theirs = result["workload"], other["workload"]
+    if not ours or not theirs:
+        print(f"load average: {result['load']} (hivesim), {other['load']} (hivemind)")
+        return
     speedup = theirs["seconds"] / max(ours["seconds"], 1e-9)
     print(f"speed-up hivemind / hivesim: {speedup:.1f}x (goal >= {GOAL_SPEEDUP:g}x: {'met' if speedup >= GOAL_SPEEDUP else 'NOT met'}); "
           f"success {100 * ours['success_rate']:.1f}% vs {100 * theirs['success_rate']:.1f}%")

@@ -59,6 +59,11 @@ def decode(wire: Any, expected: int) -> torch.Tensor:
     return out
 
 
+def part_bounds(sizes: list[int], index: int) -> tuple[int, int]:
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
 @dataclass
 class Reduction:
     """This member's side of one all-reduce round."""
@@ -84,8 +89,7 @@ class Reduction:
         return self.group.my_index
 
     def bounds(self, index: int) -> tuple[int, int]:
-        start = sum(self.sizes[:index])
-        return start, start + self.sizes[index]
+        return part_bounds(self.sizes, index)
 
     @property
     def complete(self) -> bool:
@@ -102,6 +106,9 @@ class RoundReport:
     seconds: float
     bytes_sent: int
     part_sizes: list[int]
+    # ranges of the returned vector that hold neither local nor averaged values (a reply that broke off
+    # while streaming into it): the caller keeps its own values there
+    spoiled: list[tuple[int, int]] = field(default_factory=list)
 
 
 class AllReduce:
@@ -138,10 +145,15 @@ class AllReduce:
         sizes = part_sizes(int(flat.numel()), group.shares)
         me = group.my_index
         senders = {i for i, m in enumerate(group.members) if not m["aux"]}
-        state = Reduction(group, sizes, flat, weight, codec, senders, torch.zeros(sizes[me], dtype=torch.float32))
+        start, end = part_bounds(sizes, me)
+        if contribute and weight == 1.0:  # the common case accumulates in place: no fresh memory to fault in
+            accumulated = flat[start:end]
+        else:  # (a weight-0 contribution must not wipe the local values that stand in if nobody else sends)
+            accumulated = torch.zeros(sizes[me], dtype=torch.float32)
+            if contribute:
+                accumulated.add_(flat[start:end], alpha=weight)
+        state = Reduction(group, sizes, flat, weight, codec, senders, accumulated)
         if contribute:
-            start, end = state.bounds(me)
-            state.accumulated.add_(flat[start:end], alpha=weight)
             state.weight_sum += weight
             state.contributed.add(me)
         else:
@@ -160,6 +172,7 @@ class AllReduce:
         out = flat  # averaged parts overwrite the snapshot in place (each after its own part was sent)
         averaged = [False] * group.size
         failed: list[int] = []
+        spoiled: list[tuple[int, int]] = []
         sent = [0]
 
         async def exchange(j: int) -> None:
@@ -167,14 +180,26 @@ class AllReduce:
             part = encode(flat[start:end], codec)
             sent[0] += int(part["d"].numel())
             member = group.members[j]
+            landing = out[start:end].view(torch.uint8) if codec is NONE else None
+            used = []
+
+            def into(index: int, nbytes: int) -> torch.Tensor | None:
+                # the averaged part streams straight into the place it belongs (our part has left by then:
+                # the reducer answers only after it received all of it)
+                if landing is None or index != 0 or nbytes != landing.numel() or used:
+                    return None
+                used.append(True)
+                return landing
+
             try:
                 reply = await self.endpoint.call(member["addr"], self.method,
                                                  {"gid": group.group_id, "from": me, "w": weight, "part": part},
-                                                 timeout=max(0.1, timeout - (time.monotonic() - started)))
+                                                 timeout=max(0.1, timeout - (time.monotonic() - started)), into=into)
                 if not isinstance(reply, dict):
                     raise BadRequest("reply is not a mapping")
                 averaged_part = await _offload(decode, reply.get("part"), end - start)
-                out[start:end] = averaged_part
+                if averaged_part.data_ptr() != out[start:end].data_ptr():
+                    out[start:end] = averaged_part
                 averaged[j] = bool(reply.get("n", 0) > 1)
             except (PeerUnreachable, RPCTimeout) as e:
                 logger.debug("member %d (%s) failed: %r", j, member["addr"], e)
@@ -184,6 +209,8 @@ class AllReduce:
             except (RPCError, BadRequest) as e:
                 logger.debug("member %d (%s) could not average our part: %r", j, member["addr"], e)
                 failed.append(j)
+            if used and j in failed:
+                spoiled.append((start, end))
 
         tasks = [exchange(j) for j in range(group.size) if j != me and sizes[j] > 0 and contribute]
         try:
@@ -196,7 +223,7 @@ class AllReduce:
             self._finalize(state)
         total = max(1, int(flat.numel()))
         fraction = sum(sizes[j] for j in range(group.size) if averaged[j]) / total
-        report = RoundReport(group.size, fraction, sorted(failed), time.monotonic() - started, sent[0], sizes)
+        report = RoundReport(group.size, fraction, sorted(failed), time.monotonic() - started, sent[0], sizes, spoiled)
         return out, report
 
     async def _own_part(self, state: Reduction, out: torch.Tensor, averaged: list[bool], contribute: bool) -> None:
@@ -205,7 +232,8 @@ class AllReduce:
             await asyncio.shield(state.hook_task)
         if contribute and state.result is not None:
             start, end = state.bounds(state.my_index)
-            out[start:end] = state.result
+            if state.result.data_ptr() != out[start:end].data_ptr():
+                out[start:end] = state.result
             averaged[state.my_index] = len(state.contributed) > 1
 
     def _give_up(self, state: Reduction, index: int) -> None:
@@ -257,6 +285,8 @@ class AllReduce:
                 self.stats["late_contributions"] += 1
                 raise BadRequest("too late: this part was already averaged without you")
             await _offload(state.accumulated.add_, part, alpha=float(weight), numel=part.numel())
+            del part  # give a big contribution's memory back before waiting for the others
+            payload.pop("part", None)
             state.weight_sum += float(weight)
             state.contributed.add(sender)
             state.given_up.discard(sender)

@@ -154,7 +154,9 @@ class AveragerCore:
         with self.lock:
             return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in self.tensors])
 
-    def _write_back(self, averaged: torch.Tensor, before: torch.Tensor | None, version: int) -> None:
+    def _write_back(self, averaged: torch.Tensor, before: torch.Tensor | None, version: int,
+                    keep: list[tuple[int, int]] | None = None) -> None:
+        """Copy the averaged vector into the tensors, except the flat ranges in ``keep`` (left as they are)."""
         with self.lock:
             changed = self.version != version
             if changed and before is None:
@@ -162,7 +164,13 @@ class AveragerCore:
             offset = 0
             for t in self.tensors:
                 n = t.numel()
-                new = averaged[offset : offset + n].view(t.shape)
+                new = averaged[offset : offset + n]
+                kept = [(max(a, offset) - offset, min(b, offset + n) - offset) for a, b in keep or () if a < offset + n and b > offset]
+                if kept:  # rare (a reply broke off mid-stream): those elements take their current values
+                    new, current = new.clone(), t.detach().reshape(-1).to(torch.float32)
+                    for a, b in kept:
+                        new[a:b] = current[a:b] if before is None else before[offset + a : offset + b]
+                new = new.view(t.shape)
                 if changed and before is not None:
                     t.add_((new - before[offset : offset + n].view(t.shape)).to(t.dtype))
                 else:
@@ -220,7 +228,7 @@ class AveragerCore:
         averaged, report = await self.allreduce.run(group, flat, weight, codec=self.codec, timeout=budget,
                                                     contribute=not self.auxiliary)
         if not self.auxiliary:
-            self._write_back(averaged, before, version)
+            self._write_back(averaged, before, version, report.spoiled)
         return report
 
     def skip_round(self) -> None:

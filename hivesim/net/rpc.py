@@ -308,6 +308,7 @@ class Endpoint:
         self._pool: OrderedDict[str, _Connection] = OrderedDict()
         self._connecting: dict[str, asyncio.Future] = {}
         self._pending: dict[int, asyncio.Future] = {}
+        self._into: dict[int, Callable[[int, int], Any]] = {}  # where a call's streamed reply buffers land
         self._incoming: dict[tuple[bytes, int], _Incoming] = {}
         self._pending_bytes = 0
         self._serving: set[asyncio.Task] = set()
@@ -525,8 +526,14 @@ class Endpoint:
         *,
         timeout: float | None = None,
         compression: Any = None,
+        into: Callable[[int, int], Any] | None = None,
     ) -> Any:
         """Call ``method`` on the endpoint at ``address`` and return its reply.
+
+        ``into(index, nbytes)`` may name where a streamed reply buffer lands: a writable contiguous uint8
+        tensor of exactly ``nbytes`` (or None for a fresh one). Receiving into memory the caller already
+        has saves a fresh allocation, whose first touch (page faults) costs more than the copy itself.
+        If the call fails, that memory may hold part of the reply.
 
         Raises:
             RPCTimeout: no reply within ``timeout`` seconds (default :attr:`default_timeout`).
@@ -542,6 +549,8 @@ class Endpoint:
         rid = next(self._rids)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
+        if into is not None:
+            self._into[rid] = into
         conn: _Connection | None = self._pool.get(address)
         try:
             if conn is None:
@@ -564,6 +573,7 @@ class Endpoint:
             raise RPCTimeout(f"{method!r} on {address} got no reply within {timeout:.3g} s") from None
         finally:
             self._pending.pop(rid, None)
+            self._into.pop(rid, None)
             self._forget_incoming((b"", rid))
             if conn is not None:
                 conn.calls.discard(rid)
@@ -896,8 +906,17 @@ class Endpoint:
         if streamed_set:
             import torch  # only streamed (tensor or array) messages need it: DHT-only processes never load it
 
+            into = None if origin else self._into.get(rid)
             for index in streamed_set:  # allocated lazily by the OS: pages only exist once data arrives
-                buffers[index] = torch.empty(sizes[index], dtype=torch.uint8)
+                try:
+                    target = into(index, sizes[index]) if into is not None else None
+                except Exception:  # a faulty provider costs the call its shortcut, not the reply
+                    logger.exception("receive buffer provider failed")
+                    target = None
+                if not (isinstance(target, torch.Tensor) and target.dtype == torch.uint8 and target.dim() == 1
+                        and target.numel() == sizes[index] and target.is_contiguous()):
+                    target = torch.empty(sizes[index], dtype=torch.uint8)
+                buffers[index] = target
         incoming = _Incoming(header, buffers, missing, total + len(header.get("b", b"")))
         self._note_arrival(incoming, header, incoming.nbytes - missing)
         if missing:
