@@ -197,7 +197,7 @@ class AllReduce:
                                                  timeout=max(0.1, timeout - (time.monotonic() - started)), into=into)
                 if not isinstance(reply, dict):
                     raise BadRequest("reply is not a mapping")
-                averaged_part = await _offload(decode, reply.get("part"), end - start)
+                averaged_part = await offload(decode, reply.get("part"), end - start)
                 if averaged_part.data_ptr() != out[start:end].data_ptr():
                     out[start:end] = averaged_part
                 averaged[j] = bool(reply.get("n", 0) > 1)
@@ -276,7 +276,7 @@ class AllReduce:
             raise BadRequest(f"member {sender} does not contribute to this part")
         if sender in state.contributed:
             raise BadRequest(f"member {sender} already contributed")
-        part = await _offload(decode, payload.get("part"), state.sizes[me])
+        part = await offload(decode, payload.get("part"), state.sizes[me])
         if state.done.is_set():
             self.stats["late_contributions"] += 1
             raise BadRequest("too late: this part was already averaged without you")
@@ -284,7 +284,7 @@ class AllReduce:
             if state.done.is_set():
                 self.stats["late_contributions"] += 1
                 raise BadRequest("too late: this part was already averaged without you")
-            await _offload(state.accumulated.add_, part, alpha=float(weight), numel=part.numel())
+            await offload(state.accumulated.add_, part, alpha=float(weight), numel=part.numel())
             del part  # give a big contribution's memory back before waiting for the others
             payload.pop("part", None)
             state.weight_sum += float(weight)
@@ -319,7 +319,7 @@ class AllReduce:
         return state
 
 
-async def _offload(fn: Callable[..., Any], *args: Any, numel: int | None = None, **kwargs: Any) -> Any:
+async def offload(fn: Callable[..., Any], *args: Any, numel: int | None = None, **kwargs: Any) -> Any:
     """Run ``fn`` inline for small work, on the default executor for big tensors."""
     size = numel
     if size is None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hivesim.averaging.allreduce import AllReduce, FaultHook, RoundReport
+from hivesim.averaging.allreduce import AllReduce, FaultHook, RoundReport, offload
 from hivesim.averaging.grid import GroupKeyManager, check_bits
 from hivesim.averaging.matchmaking import BanList, GroupInfo, Matchmaker
 from hivesim.averaging.timing import AdaptiveDeadline
@@ -223,12 +223,13 @@ class AveragerCore:
 
     async def _average(self, group: GroupInfo, weight: float, budget: float) -> RoundReport:
         version = self.version
-        flat = self._flatten()
+        # a big vector is copied on an executor thread: other peers of this loop keep being served meanwhile
+        flat = await offload(self._flatten, numel=self.numel)
         before = flat.clone() if self.numel <= KEEP_BEFORE_NUMEL else None
         averaged, report = await self.allreduce.run(group, flat, weight, codec=self.codec, timeout=budget,
                                                     contribute=not self.auxiliary)
         if not self.auxiliary:
-            self._write_back(averaged, before, version, report.spoiled)
+            await offload(self._write_back, averaged, before, version, report.spoiled, numel=self.numel)
         return report
 
     def skip_round(self) -> None:
