@@ -2,6 +2,7 @@
 
     python benchmarks/bench_averaging.py [--peers 16 --group 4 --rounds 5 ...] [--allreduce-floats 100e6] [--json]
     python benchmarks/bench_averaging.py --against hivemind [--hivemind-python /work/hivemind-venv/bin/python]
+    python benchmarks/bench_averaging.py --only-allreduce      # workload 2 alone
 
 Workload 1 is the one of hivemind's ``benchmarks/benchmark_averaging.py`` (same defaults): ``--peers``
 threads are started ``--spawn-dtime`` apart, each with its own DHT peer (bootstrapped from one root peer)

@@ -12,6 +12,11 @@ answer until the all-reduce timeout. A part whose reducer failed keeps the local
 that arrives after its part was averaged is refused (and the sender keeps its local values), which keeps
 the sum of all peers' values unchanged whatever fails. Large tensors are decoded and accumulated on an
 executor thread, not in the event loop.
+
+Big vectors avoid fresh memory, whose first touch (page faults) costs more than the copies: an averaged
+part streams straight into its place in the sender's vector, and weight-1 contributions accumulate in
+place in the reducer's own part. A reply that breaks off mid-stream leaves that range half written: the
+report lists it in ``spoiled`` and the caller keeps its own values there.
 """
 
 from __future__ import annotations
