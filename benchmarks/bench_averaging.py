@@ -195,7 +195,9 @@ def hivesim_big_allreduce(args: argparse.Namespace) -> dict[str, Any]:
     n = int(args.allreduce_floats)
 
     async def main() -> dict[str, Any]:
-        rate = await measure_loopback(min(256 << 20, 4 * n), timeout=600)
+        # best of two: the first measurement in a fresh process runs slower (cold allocator and sockets),
+        # which would flatter the ratio of a run without workload 1 before it
+        rate = max([await measure_loopback(min(256 << 20, 4 * n), timeout=600) for _ in range(2)])
         nodes = [await DHTNode.create()]
         for _ in range(3):
             nodes.append(await DHTNode.create([nodes[0].address]))
