@@ -41,6 +41,9 @@ from hivesim.net.rpc import CallContext, Endpoint
 
 logger = logging.getLogger(__name__)
 
+FILL_RATE = 0.3  # weight of the newest group in ``Matchmaker.fill``
+MAX_SIBLING_BITS = 4  # a lone peer reads at most 2**4 - 1 sibling keys before it goes to the root key
+
 
 class BadRequest(ValueError):
     """A malformed averaging request; the caller gets it back as a ``RemoteError``."""
@@ -137,7 +140,10 @@ class Matchmaker:
         merge_when_alone: a peer alone under its key moves to the root key after a quiet period, so that
             lonely peers of different buckets still find each other.
         early_start: a leader may start a group that is not full before its deadline once every peer it
-            saw has joined (off for scheduled rounds, where waiting for the deadline costs nothing).
+            saw has joined (off for scheduled rounds, where waiting for the deadline costs nothing). It does
+            so only while its recent groups were mostly not full: where groups fill up, a partial group
+            started early leaves a peer that arrives a moment later without partners, and averagers that
+            run a fixed number of steps drift apart until the last ones find nobody.
         bans: shared with the all-reduce, which bans members that failed it.
         request_timeout: seconds to wait for a leader's answer to a join request.
     """
@@ -162,6 +168,7 @@ class Matchmaker:
         self.store_latency = AdaptiveDeadline(initial=0.1, factor=1.0, margin=0.0, floor=0.0, ceiling=10.0)
         self._recent: OrderedDict[bytes, _Search] = OrderedDict()  # by token, for late ``await`` calls
         self.stats = {"join_requests": 0, "joins_refused": 0, "dht_gets": 0, "merges": 0}
+        self.fill = 0.0  # moving average of whether this peer's groups reached the target size
 
     @property
     def join_method(self) -> str:
@@ -195,10 +202,13 @@ class Matchmaker:
         while len(self._recent) > 8:
             self._recent.popitem(last=False)
         try:
-            return await self._search(search)
+            group = await self._search(search)
         finally:
             self.search = None
             self._abandon(search)
+        if group is not None:
+            self.fill += FILL_RATE * (float(group.size >= self.target_group_size) - self.fill)
+        return group
 
     def _abandon(self, search: _Search | None) -> None:
         if search is None:
@@ -252,6 +262,8 @@ class Matchmaker:
         look_around = min(settle, max(0.05, 2 * self.store_latency.value))
         last_seen: frozenset = frozenset()
         last_change = time.monotonic()
+        home = search.key  # its number of bits sets which sibling keys a lone peer looks at
+        lone_wait = settle * (1 + random.random())  # jittered: two lone peers must not swap keys in step
         while True:
             left = search.deadline - get_dht_time()
             if search.outcome.done():
@@ -259,10 +271,18 @@ class Matchmaker:
             if left <= 0:
                 return self._begin(search) if len(search.followers) + 1 >= self.min_group_size else None
             declared = await self._declared(search)
-            if (self.merge_when_alone and not declared and not search.followers and not search.key.endswith(".0b")
-                    and time.monotonic() - last_change >= 2 * settle):
-                # alone under this key: look at the root key (no bits), where every lonely peer looks too
-                await self._move(search, search.key[: search.key.rindex(".0b") + 3])
+            if (self.merge_when_alone and not declared and not search.followers
+                    and time.monotonic() - last_change >= lone_wait):
+                # alone under this key: go where a group is forming under a sibling key or the root key
+                # (no bits), where every lonely peer goes; with nobody anywhere, end the search once half
+                # its window is gone rather than wait out the rest alone
+                key = await self._key_with_company(search, home)
+                if key is None:
+                    if left < 0.5 * window:
+                        return None
+                    last_change = time.monotonic()
+                    continue
+                await self._move(search, key)
                 refused.clear()
                 busy_retry_at.clear()
                 last_seen, last_change = frozenset(), time.monotonic()
@@ -300,7 +320,8 @@ class Matchmaker:
                 # (peers that have not declared yet cannot be seen: the quiet period gives them time)
                 joined = {f["id"] for f in search.followers}
                 waiting_below = [d for d in declared if (d["rank"] > search.rank or d["client"]) and d["id"] not in joined]
-                if self.early_start and not waiting_below and time.monotonic() - last_change >= settle:
+                if (self.early_start and self.fill < 0.5 and not waiting_below
+                        and time.monotonic() - last_change >= settle):
                     return self._begin(search)
             search.changed.clear()
             wait = min(max(0.0, search.deadline - get_dht_time()), poll)
@@ -310,6 +331,31 @@ class Matchmaker:
                 pass
             poll = min(poll * 1.5, 0.5)
 
+    async def _key_with_company(self, search: _Search, home: str) -> str | None:
+        """Where a lone peer should look next: of the sibling keys of ``home`` (as many bits) and the root
+        key, the one with the most peers declared as long as they do not fill a group yet (the root key on
+        a tie); the root key if none has anyone; None if this peer is at the root key already and nobody is
+        anywhere. Groups that did not fill up leave keys short of peers (each member moves by its index
+        in the group), which scatters the last peers of a swarm over keys where each would wait alone."""
+        root = home[: home.rindex(".0b") + 3]
+        bits = len(home) - len(root)
+        keys = [root] + ([f"{root}{i:0{bits}b}" for i in range(2**bits)] if 0 < bits <= MAX_SIBLING_BITS else [])
+        keys = [key for key in keys if key != search.key]
+        self.stats["dht_gets"] += 1
+        try:
+            found = await self.dht.get_many(keys, latest=True) if keys else {}
+        except Exception as e:
+            logger.debug("could not read the keys around %s: %r", home, e)
+            found = {}
+        best, best_count = None, 0
+        for key in keys:
+            count = len(self._live_declarations(found.get(key), search))
+            if best_count < count < self.target_group_size:
+                best, best_count = key, count
+        if best is None and search.key != root:
+            return root
+        return best
+
     async def _declared(self, search: _Search) -> list[dict[str, Any]]:
         """Live, unbanned peers declared under the search's key, other than this one."""
         self.stats["dht_gets"] += 1
@@ -318,6 +364,11 @@ class Matchmaker:
         except Exception as e:
             logger.debug("could not read %s: %r", search.key, e)
             return []
+        out = self._live_declarations(found, search)
+        search.bucket_size = len(out) + 1
+        return out
+
+    def _live_declarations(self, found: Any, search: _Search) -> list[dict[str, Any]]:
         if found is None or not isinstance(found.value, dict):
             return []
         now = get_dht_time()
@@ -333,9 +384,7 @@ class Matchmaker:
                 continue  # withdrawn (tombstones have deadline 0), expired, ourselves, or failed us lately
             if pid not in latest or latest[pid]["rank"][0] < deadline:
                 latest[pid] = {"id": pid, "addr": addr, "client": bool(client), "rank": (float(deadline), pid)}
-        out = list(latest.values())
-        search.bucket_size = len(out) + 1
-        return out
+        return list(latest.values())
 
     async def _try_join(self, search: _Search, leader: dict[str, Any], refused: set[bytes],
                         busy_retry_at: dict[bytes, float]) -> GroupInfo | None:

@@ -9,6 +9,7 @@ may start dozens) avoids a thread per node fighting over the GIL; the thread end
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -183,6 +184,8 @@ class DHT:
         self.shutdown()
 
     def __del__(self) -> None:
+        if sys.is_finalizing():
+            return  # the loop thread is frozen at interpreter exit: a shutdown would wait 30 s for nothing
         try:
             self.shutdown()
         except Exception:
