@@ -70,7 +70,8 @@ class AveragerCore:
         compression: codec of the parts on the wire ("float16", "uniform8", a Codec or None).
         matchmaking_time, allreduce_timeout: fixed seconds; None adapts them to measured times.
         ban_time: seconds a peer that failed us is not waited on again.
-        merge_when_alone: alone under its key, look under the root key (off for a strict Moshpit grid).
+        merge_when_alone: alone under its key, look for company under the sibling and root keys (off for a
+            strict Moshpit grid).
         early_start: start a group that is not full before the deadline when nobody else is waiting.
         fault_hook: ``async hook(event, state)`` called at ``"group"`` and ``"reduced"`` (fault injection).
     """

@@ -7,8 +7,10 @@ someone, and a better-ranked one only once it already leads a group. A peer that
 joins anyone and a peer that is joining accepts nobody, so no two peers ever wait on each other. A
 candidate that is following, full, or gone answers at once and is skipped.
 
-A peer that finds itself alone under its key for a while moves to the root key (``{prefix}.0b``),
-where every lonely peer goes too, so that the last stragglers of a swarm still find each other.
+A peer that finds itself alone under its key for a while looks under the sibling keys (as many bits)
+and the root key (``{prefix}.0b``), and moves to the one where a group is short of members, else to the
+root key, where every lonely peer goes too: so the last stragglers of a swarm still find each other. One
+that finds nobody under any key twice in a row ends its search instead of waiting out its window.
 
 A leader starts the round when its group reaches ``target_group_size``, when every live peer ranked
 below it under the key has joined it, or at its deadline if it has at least ``min_group_size`` members.
@@ -41,7 +43,6 @@ from hivesim.net.rpc import CallContext, Endpoint
 
 logger = logging.getLogger(__name__)
 
-FILL_RATE = 0.3  # weight of the newest group in ``Matchmaker.fill``
 MAX_SIBLING_BITS = 4  # a lone peer reads at most 2**4 - 1 sibling keys before it goes to the root key
 
 
@@ -137,13 +138,11 @@ class Matchmaker:
         name: RPC namespace, unique per averager on the endpoint.
         target_group_size, min_group_size: group size bounds.
         client_mode: never lead (nobody can call this peer); only join.
-        merge_when_alone: a peer alone under its key moves to the root key after a quiet period, so that
-            lonely peers of different buckets still find each other.
+        merge_when_alone: a peer alone under its key moves to a sibling key where a group is short of
+            members, or to the root key, after a quiet period, so that lonely peers of different buckets
+            still find each other (off for a strict Moshpit grid).
         early_start: a leader may start a group that is not full before its deadline once every peer it
-            saw has joined (off for scheduled rounds, where waiting for the deadline costs nothing). It does
-            so only while its recent groups were mostly not full: where groups fill up, a partial group
-            started early leaves a peer that arrives a moment later without partners, and averagers that
-            run a fixed number of steps drift apart until the last ones find nobody.
+            saw has joined (off for scheduled rounds, where waiting for the deadline costs nothing).
         bans: shared with the all-reduce, which bans members that failed it.
         request_timeout: seconds to wait for a leader's answer to a join request.
     """
@@ -168,7 +167,6 @@ class Matchmaker:
         self.store_latency = AdaptiveDeadline(initial=0.1, factor=1.0, margin=0.0, floor=0.0, ceiling=10.0)
         self._recent: OrderedDict[bytes, _Search] = OrderedDict()  # by token, for late ``await`` calls
         self.stats = {"join_requests": 0, "joins_refused": 0, "dht_gets": 0, "merges": 0}
-        self.fill = 0.0  # moving average of whether this peer's groups reached the target size
 
     @property
     def join_method(self) -> str:
@@ -202,13 +200,10 @@ class Matchmaker:
         while len(self._recent) > 8:
             self._recent.popitem(last=False)
         try:
-            group = await self._search(search)
+            return await self._search(search)
         finally:
             self.search = None
             self._abandon(search)
-        if group is not None:
-            self.fill += FILL_RATE * (float(group.size >= self.target_group_size) - self.fill)
-        return group
 
     def _abandon(self, search: _Search | None) -> None:
         if search is None:
@@ -264,6 +259,7 @@ class Matchmaker:
         last_change = time.monotonic()
         home = search.key  # its number of bits sets which sibling keys a lone peer looks at
         lone_wait = settle * (1 + random.random())  # jittered: two lone peers must not swap keys in step
+        found_nobody = False  # a lone peer looked under every key around and saw nobody
         while True:
             left = search.deadline - get_dht_time()
             if search.outcome.done():
@@ -274,13 +270,13 @@ class Matchmaker:
             if (self.merge_when_alone and not declared and not search.followers
                     and time.monotonic() - last_change >= lone_wait):
                 # alone under this key: go where a group is forming under a sibling key or the root key
-                # (no bits), where every lonely peer goes; with nobody anywhere, end the search once half
-                # its window is gone rather than wait out the rest alone
+                # (no bits), where every lonely peer goes; with nobody anywhere twice in a row, end the
+                # search rather than wait out the rest of the window alone
                 key = await self._key_with_company(search, home)
                 if key is None:
-                    if left < 0.5 * window:
-                        return None
-                    last_change = time.monotonic()
+                    if found_nobody:
+                        return None  # a second look, a lone wait later, still found nobody
+                    found_nobody, last_change = True, time.monotonic()
                     continue
                 await self._move(search, key)
                 refused.clear()
@@ -320,8 +316,7 @@ class Matchmaker:
                 # (peers that have not declared yet cannot be seen: the quiet period gives them time)
                 joined = {f["id"] for f in search.followers}
                 waiting_below = [d for d in declared if (d["rank"] > search.rank or d["client"]) and d["id"] not in joined]
-                if (self.early_start and self.fill < 0.5 and not waiting_below
-                        and time.monotonic() - last_change >= settle):
+                if self.early_start and not waiting_below and time.monotonic() - last_change >= settle:
                     return self._begin(search)
             search.changed.clear()
             wait = min(max(0.0, search.deadline - get_dht_time()), poll)
@@ -338,6 +333,18 @@ class Matchmaker:
         anywhere. Groups that did not fill up leave keys short of peers (each member moves by its index
         in the group), which scatters the last peers of a swarm over keys where each would wait alone."""
         root = home[: home.rindex(".0b") + 3]
+        best, best_count = None, 0
+        for key, declared in (await self._declared_around(search, home)).items():
+            if best_count < len(declared) < self.target_group_size:
+                best, best_count = key, len(declared)
+        if best is None and search.key != root:
+            return root
+        return best
+
+    async def _declared_around(self, search: _Search, home: str) -> dict[str, list[dict[str, Any]]]:
+        """Live declarations under the root key and the sibling keys of ``home`` (root first), this
+        search's own key left out; empty lists where the DHT could not be read."""
+        root = home[: home.rindex(".0b") + 3]
         bits = len(home) - len(root)
         keys = [root] + ([f"{root}{i:0{bits}b}" for i in range(2**bits)] if 0 < bits <= MAX_SIBLING_BITS else [])
         keys = [key for key in keys if key != search.key]
@@ -347,14 +354,7 @@ class Matchmaker:
         except Exception as e:
             logger.debug("could not read the keys around %s: %r", home, e)
             found = {}
-        best, best_count = None, 0
-        for key in keys:
-            count = len(self._live_declarations(found.get(key), search))
-            if best_count < count < self.target_group_size:
-                best, best_count = key, count
-        if best is None and search.key != root:
-            return root
-        return best
+        return {key: self._live_declarations(found.get(key), search) for key in keys}
 
     async def _declared(self, search: _Search) -> list[dict[str, Any]]:
         """Live, unbanned peers declared under the search's key, other than this one."""
