@@ -111,6 +111,9 @@ class _Search:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     join_done: asyncio.Event = field(default_factory=asyncio.Event)  # set while no join request of ours is out
     bucket_size: int = 0
+    # a better-ranked live peer is declared under the key and has not refused us: it should lead, so we do
+    # not gather followers of our own yet (two leaders under one key split its peers into two short groups)
+    defer_to_better: bool = False
 
     def __post_init__(self) -> None:
         self.join_done.set()
@@ -267,6 +270,8 @@ class Matchmaker:
             if left <= 0:
                 return self._begin(search) if len(search.followers) + 1 >= self.min_group_size else None
             declared = await self._declared(search)
+            search.defer_to_better = not search.followers and any(
+                d["rank"] < search.rank and not d["client"] and d["id"] not in refused for d in declared)
             if (self.merge_when_alone and not declared and not search.followers
                     and time.monotonic() - last_change >= lone_wait):
                 # alone under this key: go where a group is forming under a sibling key or the root key
@@ -499,9 +504,10 @@ class Matchmaker:
             return {"ok": False, "why": "not leading"}
         if search.joining:
             return {"ok": False, "why": "busy"}
-        if better and not search.followers:
+        if not search.followers and (better or search.defer_to_better):
             # a better-ranked peer may only join a peer that already leads a group (a peer with followers
-            # never joins anyone, so it never waits on its own follower)
+            # never joins anyone, so it never waits on its own follower); and a peer that knows a better-ranked
+            # one that has not refused it yet leaves the leading to that one
             return {"ok": False, "why": "not leading yet"}
         if any(f["id"] == peer["id"] for f in search.followers):
             return {"ok": True, "token": search.token, "left": max(0.0, search.deadline - get_dht_time())}
