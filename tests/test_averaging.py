@@ -169,6 +169,32 @@ async def test_moshpit_2x2x2_is_exact_after_three_rounds(swarm_factory):
     assert errors[2] < 1e-6
 
 
+async def test_a_lone_peer_joins_a_short_group_under_a_sibling_key(swarm_factory):
+    # two peers under .0b01 wait for a group of 4 until their deadline (no early start); a third, alone under
+    # .0b00, looks under the sibling keys and joins them before that deadline
+    nodes = await swarm_factory(3)
+    kwargs = dict(prefix="lone", target_group_size=4, matchmaking_time=4.0)
+    waiting = [AveragerCore(n.endpoint, n, [torch.full((8,), v)], initial_group_bits="01", early_start=False, **kwargs)
+               for n, v in zip(nodes[:2], (1.0, 2.0))]
+    lone = AveragerCore(nodes[2].endpoint, nodes[2], [torch.full((8,), 6.0)], initial_group_bits="00", **kwargs)
+    results = await step_all(await start([*waiting, lone]))
+    assert all(r is not None and r.group_size == 3 for r in results)
+    assert lone.matchmaker.stats["merges"] == 1  # it moved once, to the short group's key
+    for core in (*waiting, lone):
+        torch.testing.assert_close(core.tensors[0], torch.full((8,), 3.0))
+
+
+async def test_a_peer_with_nobody_anywhere_gives_up_early(swarm_factory):
+    (node,) = await swarm_factory(1)
+    core = await AveragerCore(node.endpoint, node, [torch.ones(4)], prefix="alone", target_group_size=4,
+                              initial_group_bits="10", matchmaking_time=8.0).start()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await asyncio.wait_for(core.step(), ROUND) is None
+    # it looked under every key twice, a lone wait (2-3 s here) apart, and stopped before its 8 s window
+    assert loop.time() - t0 < 7.5
+
+
 # ---------------------------------------------------------------------------------------------- faults
 
 class Killed(Exception):

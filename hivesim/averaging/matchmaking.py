@@ -43,7 +43,7 @@ from hivesim.net.rpc import CallContext, Endpoint
 
 logger = logging.getLogger(__name__)
 
-MAX_SIBLING_BITS = 4  # a lone peer reads at most 2**4 - 1 sibling keys before it goes to the root key
+MAX_SIBLING_BITS = 4  # a lone peer reads the sibling keys of keys up to 4 bits (15 of them); beyond, the root only
 
 
 class BadRequest(ValueError):
@@ -261,7 +261,7 @@ class Matchmaker:
         last_seen: frozenset = frozenset()
         last_change = time.monotonic()
         home = search.key  # its number of bits sets which sibling keys a lone peer looks at
-        lone_wait = settle * (1 + random.random())  # jittered: two lone peers must not swap keys in step
+        lone_wait = settle * (1 + 0.5 * random.random())  # jittered: two lone peers must not swap keys in step
         found_nobody = False  # a lone peer looked under every key around and saw nobody
         while True:
             left = search.deadline - get_dht_time()
@@ -281,8 +281,11 @@ class Matchmaker:
                 if key is None:
                     if found_nobody:
                         return None  # a second look, a lone wait later, still found nobody
-                    found_nobody, last_change = True, time.monotonic()
-                    continue
+                    found_nobody = True
+                    key = home[: home.rindex(".0b") + 3]  # the root key: where lone peers meet
+                    if key == search.key:
+                        last_change = time.monotonic()
+                        continue
                 await self._move(search, key)
                 refused.clear()
                 busy_retry_at.clear()
@@ -334,16 +337,13 @@ class Matchmaker:
     async def _key_with_company(self, search: _Search, home: str) -> str | None:
         """Where a lone peer should look next: of the sibling keys of ``home`` (as many bits) and the root
         key, the one with the most peers declared as long as they do not fill a group yet (the root key on
-        a tie); the root key if none has anyone; None if this peer is at the root key already and nobody is
-        anywhere. Groups that did not fill up leave keys short of peers (each member moves by its index
-        in the group), which scatters the last peers of a swarm over keys where each would wait alone."""
-        root = home[: home.rindex(".0b") + 3]
+        a tie); None if nobody is looking under any of them. Groups that did not fill up leave keys short of
+        peers (each member moves by its index in the group), which scatters the last peers of a swarm over
+        keys where each would wait alone."""
         best, best_count = None, 0
         for key, declared in (await self._declared_around(search, home)).items():
             if best_count < len(declared) < self.target_group_size:
                 best, best_count = key, len(declared)
-        if best is None and search.key != root:
-            return root
         return best
 
     async def _declared_around(self, search: _Search, home: str) -> dict[str, list[dict[str, Any]]]:
