@@ -184,6 +184,33 @@ async def test_a_lone_peer_joins_a_short_group_under_a_sibling_key(swarm_factory
         torch.testing.assert_close(core.tensors[0], torch.full((8,), 3.0))
 
 
+async def test_a_leader_does_not_wait_for_peers_taken_by_another_group(swarm_factory):
+    # Y leads Z under the key; X and W come later and cannot see Y (banned), so they form their own group.
+    # Z is declared under the key, ranked below X, but it follows Y: X must start once its group settles,
+    # not wait out its 4 s window for Z
+    y_node, z_node, x_node, w_node = await swarm_factory(4)
+    kwargs = dict(prefix="taken", target_group_size=4)
+    y = AveragerCore(y_node.endpoint, y_node, [torch.full((8,), 1.0)], matchmaking_time=5.0, early_start=False, **kwargs)
+    z = AveragerCore(z_node.endpoint, z_node, [torch.full((8,), 3.0)], matchmaking_time=6.0, **kwargs)
+    x = AveragerCore(x_node.endpoint, x_node, [torch.full((8,), 10.0)], matchmaking_time=4.0, **kwargs)
+    w = AveragerCore(w_node.endpoint, w_node, [torch.full((8,), 20.0)], matchmaking_time=5.0, **kwargs)
+    await start([y, z, x, w])
+    first = [asyncio.create_task(y.step()), asyncio.create_task(asyncio.sleep(0.1))]
+    await first[1]
+    first.append(asyncio.create_task(z.step()))
+    await asyncio.sleep(1.0)
+    assert z.matchmaker.search is not None and z.matchmaker.search.following
+    x.bans.ban(y.peer_id)
+    w.bans.ban(y.peer_id)
+    late = await step_all([x, w])
+    assert all(r is not None and r.group_size == 2 for r in late)
+    assert late[0].matchmaking_s < 3.0  # started on its own, well before its 4 s window ended
+    torch.testing.assert_close(x.tensors[0], torch.full((8,), 15.0))
+    early = await asyncio.wait_for(asyncio.gather(first[0], first[2]), ROUND)
+    assert all(r is not None and r.group_size == 2 for r in early)
+    torch.testing.assert_close(z.tensors[0], torch.full((8,), 2.0))
+
+
 async def test_a_peer_with_nobody_anywhere_gives_up_early(swarm_factory):
     (node,) = await swarm_factory(1)
     core = await AveragerCore(node.endpoint, node, [torch.ones(4)], prefix="alone", target_group_size=4,

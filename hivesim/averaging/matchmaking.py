@@ -1,7 +1,9 @@
 """Matchmaking through the DHT: who averages with whom this round.
 
 Every peer looking for a group declares itself under its group key (a DHT subkey per peer and search,
-expiring at its deadline, and withdrawn when the search ends so that nobody waits for it). Peers are ranked by ``(deadline, peer id)``. A peer without followers asks the others to
+expiring at its deadline, and withdrawn when the search ends so that nobody waits for it), with its state:
+looking, leading (it has followers, so it will join nobody) or following (taken). Peers are ranked by
+``(deadline, peer id)``. A peer without followers asks the others to
 lead it, best-ranked first; a peer accepts a worse-ranked follower any time it is not itself joining
 someone, and a better-ranked one only once it already leads a group. A peer that has followers never
 joins anyone and a peer that is joining accepts nobody, so no two peers ever wait on each other. A
@@ -13,7 +15,8 @@ root key, where every lonely peer goes too: so the last stragglers of a swarm st
 that finds nobody under any key twice in a row ends its search instead of waiting out its window.
 
 A leader starts the round when its group reaches ``target_group_size``, when every live peer ranked
-below it under the key has joined it, or at its deadline if it has at least ``min_group_size`` members.
+below it under the key has joined it or is taken (leading or following someone else), or at its deadline
+if it has at least ``min_group_size`` members.
 It then picks a random group id and the load-balanced shares of the all-reduce; the members' order is a
 permutation derived from the group id, so every member knows every index. Followers learn the group
 through a long-polling ``await`` call to the leader, which also tells them at once when the leader
@@ -44,6 +47,9 @@ from hivesim.net.rpc import CallContext, Endpoint
 logger = logging.getLogger(__name__)
 
 MAX_SIBLING_BITS = 4  # a lone peer reads the sibling keys of keys up to 4 bits (15 of them); beyond, the root only
+
+# what a declaration says of its peer (its fifth field)
+LOOKING, LEADING, FOLLOWING = 0, 1, 2
 
 
 class BadRequest(ValueError):
@@ -111,6 +117,7 @@ class _Search:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     join_done: asyncio.Event = field(default_factory=asyncio.Event)  # set while no join request of ours is out
     bucket_size: int = 0
+    stamp: int = 0  # declarations published so far: each later one must win in the DHT over the earlier ones
     # a better-ranked live peer is declared under the key and has not refused us: it should lead, so we do
     # not gather followers of our own yet (two leaders under one key split its peers into two short groups)
     defer_to_better: bool = False
@@ -212,43 +219,44 @@ class Matchmaker:
         if search is None:
             return
         if not search.closed and not self.endpoint.closed:
-            # withdraw the declaration (a later expiration wins in the DHT), so that nobody waits for us
-            task = asyncio.get_running_loop().create_task(self._withdraw(search))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._publish_soon(search, search.key, None)  # withdraw, so that nobody waits for us
         search.closed = True
         if search.outcome is not None and not search.outcome.done():
             search.outcome.set_result(None)  # followers waiting in ``await`` learn the group is off
         search.changed.set()
 
-    async def _withdraw(self, search: _Search, key: str | None = None) -> None:
-        tombstone = [0.0, "", False, search.me["id"]]
-        key = key or search.key
-        try:
-            await self.dht.store(key, tombstone, search.deadline + 1e-3, subkey=search.me["id"] + search.token)
-        except Exception as e:
-            logger.debug("could not withdraw from %s: %r", key, e)
-
-    async def _declare(self, search: _Search) -> None:
+    async def _publish(self, search: _Search, key: str, state: int | None, stamp: int | None = None) -> None:
+        """Declare this search under ``key`` in ``state``, or withdraw it (``state`` None: a tombstone
+        that has already expired, which readers skip). Each publication expires a hair later than the one
+        before, so that the latest wins in the DHT whatever order the stores land in."""
+        if stamp is None:
+            search.stamp = stamp = search.stamp + 1
         me = search.me
-        value = [search.deadline, me["addr"], self.client_mode, me["id"]]
+        value = [search.deadline, me["addr"], self.client_mode, me["id"], state] if state is not None else [0.0, "", False, me["id"], None]
         stored = time.monotonic()
         try:
-            await self.dht.store(search.key, value, search.deadline, subkey=me["id"] + search.token)
+            await self.dht.store(key, value, search.deadline + stamp * 1e-3, subkey=me["id"] + search.token)
         except Exception as e:  # the DHT being unhappy must not crash a step
-            logger.debug("could not declare under %s: %r", search.key, e)
-        self.store_latency.observe(time.monotonic() - stored)
+            logger.debug("could not publish under %s: %r", key, e)
+            return
+        if state == LOOKING:
+            self.store_latency.observe(time.monotonic() - stored)
+
+    def _publish_soon(self, search: _Search, key: str, state: int | None) -> None:
+        """:meth:`_publish` in the background (from a handler, or where nothing needs to wait for it)."""
+        search.stamp += 1  # taken now: the order of the calls is the order that counts
+        task = asyncio.get_running_loop().create_task(self._publish(search, key, state, search.stamp))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _move(self, search: _Search, key: str) -> None:
         old, search.key = search.key, key
         self.stats["merges"] += 1
-        task = asyncio.get_running_loop().create_task(self._withdraw(search, old))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        await self._declare(search)
+        self._publish_soon(search, old, None)
+        await self._publish(search, key, LOOKING)
 
     async def _search(self, search: _Search) -> GroupInfo | None:
-        await self._declare(search)
+        await self._publish(search, search.key, LOOKING)
         refused: set[bytes] = set()
         busy_retry_at: dict[bytes, float] = {}
         poll = 0.05
@@ -271,7 +279,8 @@ class Matchmaker:
                 return self._begin(search) if len(search.followers) + 1 >= self.min_group_size else None
             declared = await self._declared(search)
             search.defer_to_better = not search.followers and any(
-                d["rank"] < search.rank and not d["client"] and d["id"] not in refused for d in declared)
+                d["rank"] < search.rank and not d["client"] and d["id"] not in refused and d["state"] != FOLLOWING
+                for d in declared)
             if (self.merge_when_alone and not declared and not search.followers
                     and time.monotonic() - last_change >= lone_wait):
                 # alone under this key: go where a group is forming under a sibling key or the root key
@@ -299,10 +308,11 @@ class Matchmaker:
                 # better-ranked peers first; then worse-ranked ones, which accept only once they lead a group
                 # (worse-ranked ones only after a grace period alone: early on, they are about to join us)
                 probe_worse = time.monotonic() - search.started >= settle / 2
-                candidates = [d for d in declared if not d["client"] and d["id"] not in refused
+                # (a leader takes anyone, so groups that have started to gather come first)
+                candidates = [d for d in declared if not d["client"] and d["id"] not in refused and d["state"] != FOLLOWING
                               and busy_retry_at.get(d["id"], 0.0) <= time.monotonic()
-                              and (d["rank"] < search.rank or probe_worse)]
-                candidates.sort(key=lambda d: (d["rank"] > search.rank, d["rank"]))
+                              and (d["rank"] < search.rank or probe_worse or d["state"] == LEADING)]
+                candidates.sort(key=lambda d: (d["state"] != LEADING, d["rank"] > search.rank, d["rank"]))
                 for candidate in candidates:
                     if search.followers or search.outcome.done():
                         break
@@ -323,7 +333,8 @@ class Matchmaker:
                 # start early when every live peer ranked below has joined and nothing changed for a while
                 # (peers that have not declared yet cannot be seen: the quiet period gives them time)
                 joined = {f["id"] for f in search.followers}
-                waiting_below = [d for d in declared if (d["rank"] > search.rank or d["client"]) and d["id"] not in joined]
+                waiting_below = [d for d in declared if (d["rank"] > search.rank or d["client"]) and d["id"] not in joined
+                                 and d["state"] == LOOKING]
                 if self.early_start and not waiting_below and time.monotonic() - last_change >= settle:
                     return self._begin(search)
             search.changed.clear()
@@ -380,15 +391,16 @@ class Matchmaker:
         latest: dict[bytes, dict[str, Any]] = {}
         for item in found.value.values():
             value = getattr(item, "value", None)
-            if not isinstance(value, list) or len(value) != 4:
+            if not isinstance(value, list) or len(value) != 5:
                 continue
-            deadline, addr, client, pid = value
-            if not isinstance(deadline, (int, float)) or not isinstance(addr, str) or not isinstance(pid, bytes):
+            deadline, addr, client, pid, state = value
+            if (not isinstance(deadline, (int, float)) or not isinstance(addr, str) or not isinstance(pid, bytes)
+                    or state not in (LOOKING, LEADING, FOLLOWING)):
                 continue
             if deadline <= now or pid == search.me["id"] or pid in self.bans:
                 continue  # withdrawn (tombstones have deadline 0), expired, ourselves, or failed us lately
             if pid not in latest or latest[pid]["rank"][0] < deadline:
-                latest[pid] = {"id": pid, "addr": addr, "client": bool(client), "rank": (float(deadline), pid)}
+                latest[pid] = {"id": pid, "addr": addr, "client": bool(client), "rank": (float(deadline), pid), "state": state}
         return list(latest.values())
 
     async def _try_join(self, search: _Search, leader: dict[str, Any], refused: set[bytes],
@@ -422,6 +434,7 @@ class Matchmaker:
             return None
         # accepted: from now on this peer follows; wait for the leader to start the round
         search.following = True
+        self._publish_soon(search, search.key, FOLLOWING)
         token, wait = reply.get("token"), reply.get("left")
         wait = float(wait) if isinstance(wait, (int, float)) and 0 <= wait < 3600 else 0.0
         try:
@@ -438,6 +451,8 @@ class Matchmaker:
         if group is None:
             search.following = False  # look on, if time is left
             refused.add(leader["id"])
+            if not search.closed:
+                self._publish_soon(search, search.key, LOOKING)
         return group
 
     def _parse_group(self, answer: Any, search: _Search) -> GroupInfo | None:
@@ -514,6 +529,8 @@ class Matchmaker:
         if len(search.followers) + 1 >= self.target_group_size:
             return {"ok": False, "why": "full"}
         search.followers.append(peer)
+        if len(search.followers) == 1:
+            self._publish_soon(search, search.key, LEADING)  # others need not wait for us to join them any more
         search.changed.set()
         return {"ok": True, "token": search.token, "left": max(0.0, search.deadline - get_dht_time())}
 
