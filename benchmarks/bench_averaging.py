@@ -10,7 +10,9 @@ and a ``DecentralizedAverager`` over the tensors of a 3-layer MLP of hidden size
 same shapes as hivemind's ``sample_tensors``), group bits ``index % groups`` (``groups = peers / group``
 rounded to a power of two), float16 compression; each runs ``--rounds`` steps with a
 ``--round-timeout``. Reported: wall time from the last spawn until every thread finished (as hivemind's
-benchmark measures it) and the share of steps that returned a group.
+benchmark measures it) and the share of steps that returned a group; of the steps that did not, how many
+were the last step of the last peer still stepping, ended after every other peer had finished (peers run
+a fixed number of steps and drift apart, so the last one may have had nobody left to group with).
 
 Workload 2 (hivesim only unless ``--hivemind-allreduce``): one all-reduce of ``--allreduce-floats``
 float32 numbers among 4 peers, no compression, checked for the exact mean. Printed beside it: the bytes
@@ -72,6 +74,8 @@ def run_threads(args: argparse.Namespace, make_peer: Any, step: Any, close: Any)
     counts = {"ok": 0, "total": 0}
     handles: list[Any] = []
     errors: list[str] = []
+    finished = [math.inf] * args.peers  # when each thread ended its last step
+    failed_last: list[tuple[int, float]] = []  # (thread, end) of each last step that found no group
 
     def run(index: int) -> None:
         try:
@@ -83,7 +87,7 @@ def run_threads(args: argparse.Namespace, make_peer: Any, step: Any, close: Any)
             return
         with lock:
             handles.append(handle)
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             try:
                 ok = bool(step(handle))
             except Exception as e:
@@ -93,6 +97,10 @@ def run_threads(args: argparse.Namespace, make_peer: Any, step: Any, close: Any)
             with lock:
                 counts["ok"] += ok
                 counts["total"] += 1
+                if r == args.rounds - 1:
+                    finished[index] = time.perf_counter()
+                    if not ok:
+                        failed_last.append((index, finished[index]))
 
     threads = []
     for i in range(args.peers):
@@ -110,8 +118,12 @@ def run_threads(args: argparse.Namespace, make_peer: Any, step: Any, close: Any)
             close(handle)
         except Exception:
             pass
+    # the last step of the last thread still stepping, which ended after every other thread had finished: it
+    # may have had nobody left to group with
+    last_alone = sum(all(t <= ended for j, t in enumerate(finished) if j != i) for i, ended in failed_last)
     return {"seconds": round(elapsed, 3), "ok": counts["ok"], "total": counts["total"], "hung_threads": hung,
-            "success_rate": round(counts["ok"] / max(1, counts["total"]), 4), "errors": errors[:5]}
+            "success_rate": round(counts["ok"] / max(1, counts["total"]), 4), "last_alone": last_alone,
+            "errors": errors[:5]}
 
 
 def run_averagers(args: argparse.Namespace, make_peer: Any, root: Any, tensors: list) -> dict[str, Any]:
@@ -269,6 +281,8 @@ def show(result: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"[{result['backend']}] {args.peers} peers, groups of {args.group}, {args.rounds} rounds, "
               f"{w['floats_per_peer']:,} floats/peer, float16: {w['seconds']:.2f} s, "
               f"{w['ok']}/{w['total']} steps found a group ({100 * w['success_rate']:.1f}%)"
+              + (f"; of the {w['total'] - w['ok']} that did not, {w.get('last_alone', 0)} was the last step of the last peer"
+                 f" still stepping (every other peer had finished)" if w["ok"] < w["total"] else "")
               + (f", {w['hung_threads']} threads hung" if w["hung_threads"] else ""))
     big = result.get("allreduce")
     if big:

@@ -211,6 +211,20 @@ async def test_a_leader_does_not_wait_for_peers_taken_by_another_group(swarm_fac
     torch.testing.assert_close(z.tensors[0], torch.full((8,), 2.0))
 
 
+@pytest.mark.parametrize("attempt", range(3))
+async def test_two_lone_peers_under_sibling_keys_meet(swarm_factory, attempt):
+    # each is alone under its key: the worse-ranked one moves to the better-ranked one (had both moved
+    # to the other's key at the same time, they would have swapped and missed each other again)
+    nodes = await swarm_factory(2)
+    cores = [AveragerCore(n.endpoint, n, [torch.full((8,), v)], prefix="pair", target_group_size=4, matchmaking_time=4.0,
+                          initial_group_bits=bits) for n, v, bits in zip(nodes, (1.0, 5.0), ("10", "11"))]
+    results = await asyncio.gather(*(c.step() for c in await start(cores)))
+    assert all(r is not None and r.group_size == 2 for r in results)
+    assert sorted(c.matchmaker.stats["merges"] for c in cores) == [0, 1]  # one moved, the other stayed
+    for core in cores:
+        torch.testing.assert_close(core.tensors[0], torch.full((8,), 3.0))
+
+
 async def test_a_peer_with_nobody_anywhere_gives_up_early(swarm_factory):
     (node,) = await swarm_factory(1)
     core = await AveragerCore(node.endpoint, node, [torch.ones(4)], prefix="alone", target_group_size=4,

@@ -10,8 +10,9 @@ joins anyone and a peer that is joining accepts nobody, so no two peers ever wai
 candidate that is following, full, or gone answers at once and is skipped.
 
 A peer that finds itself alone under its key for a while looks under the sibling keys (as many bits)
-and the root key (``{prefix}.0b``), and moves to the one where a group is short of members, else to the
-root key, where every lonely peer goes too: so the last stragglers of a swarm still find each other. One
+and the root key (``{prefix}.0b``), and moves to the one where a group is short of members (of two lone
+peers, the worse-ranked one moves to the better-ranked one, so they never swap keys), else to the root
+key, where every lonely peer goes too: so the last stragglers of a swarm still find each other. One
 that finds nobody under any key twice in a row ends its search instead of waiting out its window.
 
 A leader starts the round when its group reaches ``target_group_size``, when every live peer ranked
@@ -286,7 +287,10 @@ class Matchmaker:
                 # alone under this key: go where a group is forming under a sibling key or the root key
                 # (no bits), where every lonely peer goes; with nobody anywhere twice in a row, end the
                 # search rather than wait out the rest of the window alone
-                key = await self._key_with_company(search, home)
+                key, someone = await self._key_with_company(search, home)
+                if key is None and someone:  # a lone peer ranked below us is coming here
+                    found_nobody, last_change = False, time.monotonic()
+                    continue
                 if key is None:
                     if found_nobody:
                         return None  # a second look, a lone wait later, still found nobody
@@ -345,17 +349,24 @@ class Matchmaker:
                 pass
             poll = min(poll * 1.5, 0.5)
 
-    async def _key_with_company(self, search: _Search, home: str) -> str | None:
-        """Where a lone peer should look next: of the sibling keys of ``home`` (as many bits) and the root
-        key, the one with the most peers declared as long as they do not fill a group yet (the root key on
-        a tie); None if nobody is looking under any of them. Groups that did not fill up leave keys short of
-        peers (each member moves by its index in the group), which scatters the last peers of a swarm over
-        keys where each would wait alone."""
-        best, best_count = None, 0
+    async def _key_with_company(self, search: _Search, home: str) -> tuple[str | None, bool]:
+        """Where a lone peer should look next, and whether it saw anyone: of the sibling keys of ``home``
+        (as many bits) and the root key, the one with the most peers declared as long as they do not fill
+        a group yet (the root key on a tie). Groups that did not fill up leave keys short of peers (each
+        member moves by its index in the group), which scatters the last peers of a swarm over keys where
+        each would wait alone. Two lone peers must not swap keys: of two, the worse-ranked one moves to
+        the better-ranked one, which stays where it is (None, True)."""
+        best, best_count, best_lone, someone = None, 1, None, False
         for key, declared in (await self._declared_around(search, home)).items():
+            someone = someone or bool(declared)
             if best_count < len(declared) < self.target_group_size:
                 best, best_count = key, len(declared)
-        return best
+            elif len(declared) == 1 and declared[0]["rank"] < search.rank and not declared[0]["client"]:
+                if best_lone is None or declared[0]["rank"] < best_lone[0]:
+                    best_lone = (declared[0]["rank"], key)
+        if best is None and best_lone is not None:
+            best = best_lone[1]
+        return best, someone
 
     async def _declared_around(self, search: _Search, home: str) -> dict[str, list[dict[str, Any]]]:
         """Live declarations under the root key and the sibling keys of ``home`` (root first), this
