@@ -169,6 +169,21 @@ async def test_moshpit_2x2x2_is_exact_after_three_rounds(swarm_factory):
     assert errors[2] < 1e-6
 
 
+async def test_finished_rounds_hold_no_vectors(swarm_factory):
+    # the averager remembers its last rounds (to refuse late contributions clearly); each used to keep its
+    # whole flat vector alive: with a big model, 16 copies of it per peer, growing round after round
+    nodes = await swarm_factory(3)
+    cores = await start(cores_for(nodes, [[torch.full((50_000,), float(i))] for i in range(3)], prefix="mem",
+                                  target_group_size=3))
+    for _ in range(3):
+        assert all(r is not None for r in await step_all(cores))
+    for core in cores:
+        assert len(core.allreduce.rounds) == 3
+        for state in core.allreduce.rounds.values():
+            assert state.local is None and state.accumulated is None and state.result is None
+        torch.testing.assert_close(core.tensors[0], torch.full((50_000,), 1.0))
+
+
 async def test_a_lone_peer_joins_a_short_group_under_a_sibling_key(swarm_factory):
     # two peers under .0b01 wait for a group of 4 until their deadline (no early start); a third, alone under
     # .0b00, looks under the sibling keys and joins them before that deadline

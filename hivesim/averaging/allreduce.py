@@ -75,11 +75,11 @@ class Reduction:
 
     group: GroupInfo
     sizes: list[int]
-    local: torch.Tensor  # this member's flat snapshot
+    local: torch.Tensor | None  # this member's flat snapshot (None once released)
     weight: float
     codec: Codec
     senders: set[int]  # member indices expected to contribute to my part (incl. me if I contribute)
-    accumulated: torch.Tensor
+    accumulated: torch.Tensor | None
     weight_sum: float = 0.0
     contributed: set[int] = field(default_factory=set)
     given_up: set[int] = field(default_factory=set)
@@ -88,6 +88,15 @@ class Reduction:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     timer: asyncio.TimerHandle | None = None
     hook_task: asyncio.Task | None = None
+    serving: int = 0  # contribution handlers of this round still running
+    finished: bool = False  # this member's own run of the round is over
+
+    def release(self) -> None:
+        """Drop the round's tensors once nothing uses them any more. The last rounds stay known (late
+        contributions get a clear refusal), and each would otherwise hold on to a whole vector: 16 copies
+        of the model per averager."""
+        if self.finished and self.serving == 0:
+            self.local = self.accumulated = self.result = None
 
     @property
     def my_index(self) -> int:
@@ -226,6 +235,8 @@ class AllReduce:
             if state.timer:
                 state.timer.cancel()
             self._finalize(state)
+            state.finished = True
+            state.release()
         total = max(1, int(flat.numel()))
         fraction = sum(sizes[j] for j in range(group.size) if averaged[j]) / total
         report = RoundReport(group.size, fraction, sorted(failed), time.monotonic() - started, sent[0], sizes, spoiled)
@@ -281,7 +292,16 @@ class AllReduce:
             raise BadRequest(f"member {sender} does not contribute to this part")
         if sender in state.contributed:
             raise BadRequest(f"member {sender} already contributed")
-        part = await offload(decode, payload.get("part"), state.sizes[me])
+        state.serving += 1
+        try:
+            return await self._reduce_part(state, sender, float(weight), payload, ctx)
+        finally:
+            state.serving -= 1
+            state.release()
+
+    async def _reduce_part(self, state: Reduction, sender: int, weight: float, payload: dict[str, Any],
+                           ctx: CallContext) -> dict[str, Any]:
+        part = await offload(decode, payload.get("part"), state.sizes[state.my_index])
         if state.done.is_set():
             self.stats["late_contributions"] += 1
             raise BadRequest("too late: this part was already averaged without you")
@@ -289,10 +309,10 @@ class AllReduce:
             if state.done.is_set():
                 self.stats["late_contributions"] += 1
                 raise BadRequest("too late: this part was already averaged without you")
-            await offload(state.accumulated.add_, part, alpha=float(weight), numel=part.numel())
+            await offload(state.accumulated.add_, part, alpha=weight, numel=part.numel())
             del part  # give a big contribution's memory back before waiting for the others
             payload.pop("part", None)
-            state.weight_sum += float(weight)
+            state.weight_sum += weight
             state.contributed.add(sender)
             state.given_up.discard(sender)
         if state.complete:
