@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from hivesim.averaging import AveragerCore, grid_manager, load_balance, optimal_shares
 from hivesim.dht import DHTNode
+from hivesim.dht.storage import get_dht_time
 from hivesim.net import RemoteError, ShapedLinks
 
 from dht_swarm import make_swarm, stop_all
@@ -167,6 +169,25 @@ async def test_moshpit_2x2x2_is_exact_after_three_rounds(swarm_factory):
     errors = await moshpit_rounds(await swarm_factory(8), side=2, dims=3, rounds=3, seed=7)
     assert errors[1] > 1e-3
     assert errors[2] < 1e-6
+
+
+async def test_a_leader_hands_its_group_over_to_a_better_ranked_leader(swarm_factory):
+    # a scheduled round (one deadline for all, no early start): C and D cannot see A and B for a while, so C
+    # starts leading D while A leads B. Once A is visible, C brings D over and the key's four peers
+    # average as one group (before, two groups of two met at the deadline)
+    nodes = await swarm_factory(4)
+    nodes.sort(key=lambda n: n.peer_id)  # equal deadlines: ranked by peer id, A best
+    cores = await start(cores_for(nodes, [[torch.full((8,), v)] for v in (1.0, 2.0, 3.0, 10.0)], prefix="merge",
+                                  target_group_size=4, early_start=False))
+    a, b, c, d = cores
+    for core in (c, d):
+        core.bans._until[a.peer_id] = core.bans._until[b.peer_id] = time.monotonic() + 1.8
+    deadline = get_dht_time() + 5.0
+    results = await asyncio.wait_for(asyncio.gather(*(core.step(deadline=deadline) for core in cores)), ROUND)
+    assert all(r is not None and r.group_size == 4 for r in results)
+    assert c.matchmaker.stats["join_requests"] >= 1
+    for core in cores:
+        torch.testing.assert_close(core.tensors[0], torch.full((8,), 4.0))
 
 
 async def test_finished_rounds_hold_no_vectors(swarm_factory):

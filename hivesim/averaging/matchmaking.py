@@ -2,11 +2,13 @@
 
 Every peer looking for a group declares itself under its group key (a DHT subkey per peer and search,
 expiring at its deadline, and withdrawn when the search ends so that nobody waits for it), with its state:
-looking, leading (it has followers, so it will join nobody) or following (taken). Peers are ranked by
-``(deadline, peer id)``. A peer without followers asks the others to
-lead it, best-ranked first; a peer accepts a worse-ranked follower any time it is not itself joining
-someone, and a better-ranked one only once it already leads a group. A peer that has followers never
-joins anyone and a peer that is joining accepts nobody, so no two peers ever wait on each other. A
+looking, leading (it has followers) or following (taken). Peers are ranked by ``(deadline, peer id)``.
+A peer without followers asks the others to lead it, leaders first, then best-ranked first; a peer accepts a worse-ranked follower any time it is
+not itself joining someone, and a better-ranked one only once it already leads a group. A peer that has
+followers joins nobody, except to hand its whole group over to a better-ranked leader with room for it
+(two leaders under one key, one of which did not see the other in time, would split its peers into two
+short groups), and a peer that is joining accepts nobody: waits only go from worse- to better-ranked
+peers, so no two peers ever wait on each other. A
 candidate that is following, full, or gone answers at once and is skipped.
 
 A peer that finds itself alone under its key for a while looks under the sibling keys (as many bits)
@@ -309,13 +311,12 @@ class Matchmaker:
                 # (peers that start together must see each other's declarations before choosing a leader, or two
                 # of them may each gather followers: wait a couple of DHT store times first, a whole settle
                 # period in scheduled rounds, where everyone starts at once)
-                # better-ranked peers first; then worse-ranked ones, which accept only once they lead a group
-                # (worse-ranked ones only after a grace period alone: early on, they are about to join us)
-                probe_worse = time.monotonic() - search.started >= settle / 2
-                # (a leader takes anyone, so groups that have started to gather come first)
+                # leaders first (they take anyone, and a group that has started to gather fills up sooner), then
+                # better-ranked peers; worse-ranked ones that lead nobody are not asked: they come to us, and
+                # asking them back while they ask us would only have both sides answer "busy"
                 candidates = [d for d in declared if not d["client"] and d["id"] not in refused and d["state"] != FOLLOWING
                               and busy_retry_at.get(d["id"], 0.0) <= time.monotonic()
-                              and (d["rank"] < search.rank or probe_worse or d["state"] == LEADING)]
+                              and (d["rank"] < search.rank or d["state"] == LEADING)]
                 candidates.sort(key=lambda d: (d["state"] != LEADING, d["rank"] > search.rank, d["rank"]))
                 for candidate in candidates:
                     if search.followers or search.outcome.done():
@@ -324,6 +325,16 @@ class Matchmaker:
                     if group is not None:
                         return group
                     if search.deadline <= get_dht_time():
+                        break
+            if search.followers and not search.outcome.done():
+                # two leaders under one key (one did not see the other in time) would split its peers into
+                # two short groups: the worse-ranked one takes its whole group over to the better-ranked one
+                leaders = sorted((d for d in declared if d["state"] == LEADING and d["rank"] < search.rank
+                                  and d["id"] not in refused and busy_retry_at.get(d["id"], 0.0) <= time.monotonic()),
+                                 key=lambda d: d["rank"])
+                for leader in leaders:
+                    group = await self._try_join(search, leader, refused, busy_retry_at, bring=search.followers)
+                    if group is not None or search.deadline <= get_dht_time():
                         break
             if search.outcome.done():
                 return search.outcome.result()
@@ -415,17 +426,24 @@ class Matchmaker:
         return list(latest.values())
 
     async def _try_join(self, search: _Search, leader: dict[str, Any], refused: set[bytes],
-                        busy_retry_at: dict[bytes, float]) -> GroupInfo | None:
+                        busy_retry_at: dict[bytes, float], bring: list[dict[str, Any]] | None = None) -> GroupInfo | None:
+        """Ask ``leader`` to take this peer (and the followers in ``bring``, for a leader handing its group
+        over); once accepted, wait for its group. The group also becomes this search's outcome, which
+        is how followers brought along learn it."""
         me = search.me
         request = {"key": search.key, "rank": [search.rank[0], search.rank[1]], "peer": me}
+        if bring:
+            request["with"] = list(bring)
         search.joining = True
         search.join_done.clear()
         self.stats["join_requests"] += 1
         try:
             reply = await self.endpoint.call(leader["addr"], self.join_method, request, timeout=self.request_timeout)
         except (PeerUnreachable, RPCTimeout) as e:
+            # (not banned for a slow answer: a busy leader is alive, and a dead one declares nothing again)
             logger.debug("leader %s did not answer: %r", leader["addr"], e)
-            self.bans.ban(leader["id"])
+            if isinstance(e, PeerUnreachable):
+                self.bans.ban(leader["id"])
             refused.add(leader["id"])
             return None
         except RPCError as e:
@@ -437,6 +455,7 @@ class Matchmaker:
             search.join_done.set()
         if not isinstance(reply, dict) or not reply.get("ok"):
             self.stats["joins_refused"] += 1
+            logger.debug("join refused by %s: %r", leader["addr"], reply)
             why = reply.get("why") if isinstance(reply, dict) else None
             if why in ("busy", "not leading yet"):
                 busy_retry_at[leader["id"]] = time.monotonic() + (0.03 if why == "busy" else 0.15) * (1 + random.random())
@@ -460,10 +479,12 @@ class Matchmaker:
             logger.debug("bad group from %s: %r", leader["addr"], e)
             group = None
         if group is None:
-            search.following = False  # look on, if time is left
+            search.following = False  # look on (still leading the followers it has), if time is left
             refused.add(leader["id"])
             if not search.closed:
-                self._publish_soon(search, search.key, LOOKING)
+                self._publish_soon(search, search.key, LEADING if search.followers else LOOKING)
+        elif not search.outcome.done():
+            search.outcome.set_result(group)
         return group
 
     def _parse_group(self, answer: Any, search: _Search) -> GroupInfo | None:
@@ -515,6 +536,10 @@ class Matchmaker:
                 or not isinstance(rank[1], bytes)):
             raise BadRequest("a join request needs the requester's rank [deadline, peer id]")
         peer = _member_info(payload.get("peer"))
+        brought = payload.get("with", [])
+        if not isinstance(brought, list) or len(brought) > 4096:
+            raise BadRequest("'with' must be a list of the followers a leader brings along")
+        brought = [_member_info(m) for m in brought]
         search = self.search
         if search is None or search.closed or search.key != payload["key"]:
             return {"ok": False, "why": "not looking"}
@@ -537,10 +562,13 @@ class Matchmaker:
             return {"ok": False, "why": "not leading yet"}
         if any(f["id"] == peer["id"] for f in search.followers):
             return {"ok": True, "token": search.token, "left": max(0.0, search.deadline - get_dht_time())}
-        if len(search.followers) + 1 >= self.target_group_size:
+        newcomers = {m["id"]: m for m in (peer, *brought)}
+        if search.me["id"] in newcomers or any(f["id"] in newcomers for f in search.followers):
+            raise BadRequest("a group handed over must not hold members of this one")
+        if len(search.followers) + 1 + len(newcomers) > self.target_group_size:
             return {"ok": False, "why": "full"}
-        search.followers.append(peer)
-        if len(search.followers) == 1:
+        search.followers.extend(newcomers.values())
+        if len(search.followers) == len(newcomers):
             self._publish_soon(search, search.key, LEADING)  # others need not wait for us to join them any more
         search.changed.set()
         return {"ok": True, "token": search.token, "left": max(0.0, search.deadline - get_dht_time())}
