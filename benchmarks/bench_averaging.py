@@ -286,7 +286,7 @@ def show(result: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"[{result['backend']}] {args.peers} peers, groups of {args.group}, {args.rounds} rounds, "
               f"{w['floats_per_peer']:,} floats/peer, float16: {w['seconds']:.2f} s, "
               f"{w['ok']}/{w['total']} steps found a group ({100 * w['success_rate']:.1f}%)"
-              + (f"; of the {w['total'] - w['ok']} that did not, {w.get('last_alone', 0)} was the last step of the last peer"
+              + (f"; {w['total'] - w['ok']} did not, {w.get('last_alone', 0)} of them the last step of the last peer"
                  f" still stepping (every other peer had finished)" if w["ok"] < w["total"] else "")
               + (f", {w['hung_threads']} threads hung" if w["hung_threads"] else ""))
     big = result.get("allreduce")
