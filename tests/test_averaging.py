@@ -381,8 +381,11 @@ async def test_malformed_requests_get_errors_and_the_peer_keeps_serving(swarm_fa
             await caller.call(target, "avg.bad.part", payload, timeout=5)
     with pytest.raises(RemoteError, match="unknown group"):
         await caller.call(target, "avg.bad.part", {"gid": b"nope", "from": 0, "w": 1.0, "part": {}}, timeout=5)
-    for payload in [None, {"key": 1}, {"key": "avg", "rank": [1, 2]}, {"key": "k", "rank": [1.0, b"x"], "peer": {"id": 5}}]:
-        with pytest.raises(RemoteError):
+    peer = {"id": b"someone", "addr": "tcp://127.0.0.1:1", "bw": 1.0}
+    for payload in [None, {"key": 1}, {"key": "avg", "rank": [1, 2]}, {"key": "k", "rank": [1.0, b"x"], "peer": {"id": 5}},
+                    {"key": "k", "rank": [1.0, b"x"], "peer": peer, "with": "everyone"},  # a group handed over, malformed
+                    {"key": "k", "rank": [1.0, b"x"], "peer": peer, "with": [{"id": b"y", "bw": -1}]}]:
+        with pytest.raises(RemoteError, match="BadRequest"):
             await caller.call(target, "avg.bad.join", payload, timeout=5)
     with pytest.raises(RemoteError):
         await caller.call(target, "avg.bad.await", {"token": 7}, timeout=5)
