@@ -3,13 +3,13 @@
 Every peer looking for a group declares itself under its group key (a DHT subkey per peer and search,
 expiring at its deadline, and withdrawn when the search ends so that nobody waits for it), with its state:
 looking, leading (it has followers) or following (taken). Peers are ranked by ``(deadline, peer id)``.
-A peer without followers asks the others to lead it, leaders first, then best-ranked first; a peer accepts a worse-ranked follower any time it is
-not itself joining someone, and a better-ranked one only once it already leads a group. A peer that has
-followers joins nobody, except to hand its whole group over to a better-ranked leader with room for it
-(two leaders under one key, one of which did not see the other in time, would split its peers into two
-short groups), and a peer that is joining accepts nobody: waits only go from worse- to better-ranked
-peers, so no two peers ever wait on each other. A
-candidate that is following, full, or gone answers at once and is skipped.
+A peer without followers asks the others to lead it, leaders first, then best-ranked first; a peer
+accepts a worse-ranked follower any time it is not itself joining someone, and a better-ranked one only
+once it already leads a group. A peer that has followers joins nobody, except to hand its whole group
+over to a better-ranked leader with room for it (two leaders under one key, one of which did not see the
+other in time, would split its peers into two short groups), and a peer that is joining accepts nobody:
+waits only go from worse- to better-ranked peers, so no two peers ever wait on each other. A candidate
+that is following, full, or gone answers at once and is skipped.
 
 A peer that finds itself alone under its key for a while looks under the sibling keys (as many bits)
 and the root key (``{prefix}.0b``), and moves to the one where a group is short of members (of two lone
@@ -235,7 +235,10 @@ class Matchmaker:
         if stamp is None:
             search.stamp = stamp = search.stamp + 1
         me = search.me
-        value = [search.deadline, me["addr"], self.client_mode, me["id"], state] if state is not None else [0.0, "", False, me["id"], None]
+        if state is None:
+            value = [0.0, "", False, me["id"], None]
+        else:
+            value = [search.deadline, me["addr"], self.client_mode, me["id"], state]
         stored = time.monotonic()
         try:
             await self.dht.store(key, value, search.deadline + stamp * 1e-3, subkey=me["id"] + search.token)
@@ -557,8 +560,8 @@ class Matchmaker:
             return {"ok": False, "why": "busy"}
         if not search.followers and (better or search.defer_to_better):
             # a better-ranked peer may only join a peer that already leads a group (a peer with followers
-            # never joins anyone, so it never waits on its own follower); and a peer that knows a better-ranked
-            # one that has not refused it yet leaves the leading to that one
+            # joins only better-ranked leaders, so it never waits on its own follower); and a peer that knows
+            # a better-ranked one that has not refused it yet leaves the leading to that one
             return {"ok": False, "why": "not leading yet"}
         if any(f["id"] == peer["id"] for f in search.followers):
             return {"ok": True, "token": search.token, "left": max(0.0, search.deadline - get_dht_time())}
