@@ -34,10 +34,11 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import threading
 import time
 from typing import Any
+
+from subprocess_group import SubprocessTimeout, run_group
 
 DEFAULT_HIVEMIND_PYTHON = "/work/hivemind-venv/bin/python"
 GOAL_SPEEDUP = 5.0
@@ -340,10 +341,14 @@ def main() -> None:
     if args.only_allreduce:
         command.append("--only-allreduce")
     budget = args.rounds * (args.round_timeout + 30) * 2 + 600
-    done = subprocess.run(command, capture_output=True, text=True, timeout=budget)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        print(f"[hivemind] failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    try:
+        returncode, stdout, stderr = run_group(command, budget)
+    except SubprocessTimeout:
+        print(f"[hivemind] did not finish within {budget:.0f} s; its processes were killed")
+        return
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if returncode != 0 or not lines:
+        print(f"[hivemind] failed (exit {returncode}):\n{stderr[-3000:]}")
         return
     other = json.loads(lines[-1][len("RESULT "):])
     show(other, args)

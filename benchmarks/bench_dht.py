@@ -52,13 +52,14 @@ import json
 import os
 import queue
 import random
-import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from typing import Any
+
+from subprocess_group import SubprocessTimeout, run_group
 
 DEFAULT_HIVEMIND_PYTHON = "/work/hivemind-venv/bin/python"
 GOAL_RATIO = 10.0
@@ -642,23 +643,17 @@ def run_hivemind_subprocess(args: argparse.Namespace) -> dict:
             command += [f"--{name.replace('_', '-')}", str(value)]
     print(f"[bench_dht] running hivemind: {' '.join(command)}", file=sys.stderr, flush=True)
     # its own session, so that on a timeout the whole group (DHT processes, p2p daemons) is killed
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True)
     try:
-        stdout, _ = proc.communicate(timeout=args.subprocess_timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        returncode, stdout, _ = run_group(command, args.subprocess_timeout, capture_stderr=False)
+    except SubprocessTimeout:
         raise SystemExit(f"hivemind run did not finish within {args.subprocess_timeout:.0f} s (--subprocess-timeout)")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
             try:
                 return json.loads(line)
             except json.JSONDecodeError:
                 continue
-    raise SystemExit(f"hivemind run exited {proc.returncode} without a JSON result; its stdout:\n{stdout[-2000:]}")
+    raise SystemExit(f"hivemind run exited {returncode} without a JSON result; its stdout:\n{stdout[-2000:]}")
 
 
 # ------------------------------------------------------------------------------------------------------ cli
