@@ -9,10 +9,9 @@ import asyncio
 import pytest
 import torch
 
-from hivesim.net import ShapedLinks
 from hivesim.net.rpc import MiB
 
-from test_averaging import ROUND, check_survivors, cores_for, faulty_group, start, swarm_factory  # noqa: F401
+from test_averaging import ROUND, check_survivors, cores_for, slow_victim_dies, start, swarm_factory  # noqa: F401
 
 NUMEL = 6 << 20  # three parts of 8 MiB: above the 4 MiB inline limit, so every part is streamed
 
@@ -57,10 +56,5 @@ async def test_reply_broken_off_mid_stream_keeps_local_values(swarm_factory):
     # the victim's uplink is 16 MB/s: its own three parts of 8 MiB leave in ~1.5 s, then its three replies
     # of 8 MiB stream in 4 MiB chunks for ~1.5 s; it dies 2.2 s in, when a chunk or two of each reply has
     # landed in the other members' vectors (without the `spoiled` bookkeeping they end up half averaged)
-    async def hook(event, state, victim):
-        if event == "reduced":
-            asyncio.get_running_loop().call_later(2.2, lambda: asyncio.ensure_future(victim.shutdown()))
-
-    links = ShapedLinks("victim", 0.0, uplink=16e6)
-    cores, results, elapsed, _ = await faulty_group(swarm_factory, hook, numel=8 << 20, victim_links=links)
+    cores, results, elapsed, _ = await slow_victim_dies(swarm_factory, "reduced", 2.2)
     check_survivors(cores, results, elapsed, victim_counted=None)

@@ -334,14 +334,20 @@ async def test_member_killed_before_sending(swarm_factory):
     check_survivors(cores, results, elapsed, victim_counted=False)
 
 
-async def test_member_killed_while_sending(swarm_factory):
-    # the victim's uplink is 16 MB/s: its 3 parts of 8 MiB, streamed in chunks, take ~1.5 s; it dies 0.3 s in
-    async def hook(event, state, victim):
-        if event == "group":
-            asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(victim.shutdown()))
+async def slow_victim_dies(swarm_factory, event: str, delay: float):
+    """:func:`faulty_group` with 8 MiB parts and a victim on a 16 MB/s uplink (each of its streams of three
+    parts takes ~1.5 s) that shuts down ``delay`` seconds after the fault hook's ``event``."""
+    async def hook(name, state, victim):
+        if name == event:
+            asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(victim.shutdown()))
 
     links = ShapedLinks("victim", 0.0, uplink=16e6)
-    cores, results, elapsed, _ = await faulty_group(swarm_factory, hook, numel=8 << 20, victim_links=links)
+    return await faulty_group(swarm_factory, hook, numel=8 << 20, victim_links=links)
+
+
+async def test_member_killed_while_sending(swarm_factory):
+    # the victim's 3 parts of 8 MiB, streamed in chunks, take ~1.5 s; it dies 0.3 s in
+    cores, results, elapsed, _ = await slow_victim_dies(swarm_factory, "group", 0.3)
     check_survivors(cores, results, elapsed, victim_counted=False)
 
 
