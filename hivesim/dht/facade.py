@@ -98,8 +98,20 @@ class DHT:
         self.startup_timeout = startup_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._node: DHTNode | None = None
+        self._owned = True
         if start:
             self.run_in_background()
+
+    @classmethod
+    def attach(cls, node: DHTNode, loop: asyncio.AbstractEventLoop) -> "DHT":
+        """A blocking view of a node that already runs in ``loop`` (a :class:`~hivesim.Peer`'s): code in
+        another thread (a training loop) uses it like any ``DHT``; :meth:`shutdown` leaves the node running."""
+        self = cls.__new__(cls)
+        self.initial_peers = []
+        self._kwargs = {}
+        self.startup_timeout = 0.0
+        self._node, self._loop, self._owned = node, loop, False
+        return self
 
     def run_in_background(self) -> None:
         """Start the node in the shared background loop and wait until it has joined the DHT."""
@@ -138,7 +150,19 @@ class DHT:
         """Addresses other peers pass as ``initial_peers`` to join through this one."""
         return [self.node.address]
 
+    def get_visible_maddrs(self) -> list[str]:
+        """hivemind's name for :meth:`get_visible_addresses` (hivesim addresses are ``tcp://host:port``)."""
+        return self.get_visible_addresses()
+
     def _submit(self, coro: Any, return_future: bool, timeout: float | None = None) -> Any:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop and not return_future:
+            coro.close()
+            raise RuntimeError("a blocking DHT call from the DHT's own event loop would wait forever: "
+                               "call it from another thread, or await the node's coroutine instead")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
         return future if return_future else future.result(timeout)
 
@@ -172,6 +196,8 @@ class DHT:
         if node is None or loop is None:
             return
         self._node = self._loop = None
+        if not self._owned:
+            return
         try:
             asyncio.run_coroutine_threadsafe(node.shutdown(), loop).result(30)
         finally:
