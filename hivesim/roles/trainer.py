@@ -1,0 +1,368 @@
+"""The ``trainer`` role: a peer that trains a model together with the swarm through :class:`hivesim.Optimizer`.
+
+Topology use::
+
+    roles:
+      trainer: {model: experiments.train_digits, run_id: digits, target_batch_size: 1024, batch_size: 32,
+                lr: 0.003, optimizer_opts: {averaging_timeout: 10}, max_epochs: null, duration: null}
+
+``model`` names a module (see ``experiments/train_digits.py``) with ``make_model(seed)``,
+``batches(shard, batch_size, seed, num_shards)``, ``loss(model, batch)`` and ``evaluate(model)``; every peer
+builds the model from ``model_seed``, so the swarm starts from one set of parameters, and trains on its own
+shard of the data (``shard``, or one derived from the peer's name). ``optimizer_opts`` go to
+:class:`hivesim.Optimizer` as they are (``matchmaking_time``, ``averaging_timeout``, ``use_local_updates``...).
+
+The training loop runs in a thread of its own (the optimizer's methods block; the peer's event loop must
+keep serving its DHT node and averagers). It stops when the role stops (the thread notices a flag at its
+next step, is joined with a timeout, and shuts the optimizer down), after ``max_epochs`` or ``duration``
+seconds, and when the peer is killed abruptly: the peer cancels its tasks, one of which is a watcher that
+raises the same flag, and the thread also checks the peer's state at every step.
+
+Samples recorded into ``peer.metrics`` (from the event loop, so draining never races the thread):
+
+* ``train_loss`` every ``log_every`` seconds: mean loss of the steps since, ``epoch``, ``steps``,
+  ``samples_per_second`` (this peer's), ``global_samples_per_second`` (the swarm's, as the tracker sees it);
+* ``epoch`` at every change of the local epoch (value: the new epoch): ``averaged``, ``group_size``,
+  ``expected_peers``, ``samples`` (this peer's in the finished epoch), ``seconds`` (the transition),
+  ``bytes_sent`` / ``bytes_received`` (the endpoint's traffic since the previous change), ``downloaded``
+  (the epoch came from a state download), ``state_downloads``, ``averaging_failures``;
+* ``eval`` at every change of the epoch (value: held-out loss): ``accuracy``, ``epoch``;
+* ``trainer_done`` once (value: the final epoch): why it stopped, ``state_downloads``, ``averaging_failures``.
+
+Each trainer also publishes its last loss under ``{run_id}_metrics`` in a subkey it owns
+(``owner_marker(public key)``: nobody can write in its name); the value is a :class:`TrainerMetricsRecord`,
+which readers (the ``monitor`` role) check with pydantic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hivesim.dht.storage import get_dht_time
+from hivesim.dht.validation import owner_marker
+from hivesim.roles import Role
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class TrainerMetricsRecord(BaseModel):
+    """What a trainer publishes about its training under ``{run_id}_metrics`` (checked by every reader)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epoch: int = Field(ge=0, le=1 << 40)
+    loss: float = Field(ge=0.0, le=1e9, allow_inf_nan=False)  # mean training loss of the last steps
+    test_loss: float | None = Field(default=None, ge=0.0, le=1e9, allow_inf_nan=False)
+    test_accuracy: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    sps: float = Field(ge=0.0, le=1e9, allow_inf_nan=False)
+    time: float = Field(allow_inf_nan=False)
+
+
+def metrics_key(run_id: str) -> str:
+    return f"{run_id}_metrics"
+
+
+def load_model_module(path: str) -> Any:
+    """The model module named by ``path``, checked for the functions a trainer calls."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"trainer: model must be a module path such as 'experiments.train_digits', got {path!r}")
+    module = importlib.import_module(path)
+    missing = [f for f in ("make_model", "batches", "loss", "evaluate") if not callable(getattr(module, f, None))]
+    if missing:
+        raise ValueError(f"trainer: model module {path} lacks {', '.join(missing)}")
+    return module
+
+
+def start_daemon_thread(fn: Callable[[], Any], name: str) -> concurrent.futures.Future:
+    """Run ``fn`` in a daemon thread (one stuck in a blocking call never holds the process up at exit)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+class TrainerRole(Role):
+    name = "trainer"
+
+    def __init__(self, peer: Any, model: str = "experiments.train_digits", run_id: str = "digits",
+                 target_batch_size: int = 1024, batch_size: int = 32, lr: float = 1e-3, optimizer: str = "adam",
+                 optimizer_opts: dict[str, Any] | None = None, max_epochs: int | None = None,
+                 duration: float | None = None, model_seed: int = 0, shard: int | None = None, num_shards: int = 4,
+                 data_seed: int | None = None, step_delay: float = 0.0, log_every: float = 0.5,
+                 evaluate: bool = True, publish_every: float = 2.0, metrics_ttl: float = 30.0,
+                 stop_timeout: float = 4.0) -> None:
+        super().__init__(peer)
+        if not isinstance(run_id, str) or not run_id or "." in run_id:
+            raise ValueError(f"trainer: run_id must be a non-empty name without dots, got {run_id!r}")
+        for label, value in (("target_batch_size", target_batch_size), ("batch_size", batch_size), ("num_shards", num_shards)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"trainer: {label} must be a positive integer, got {value!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"trainer: lr must be positive, got {lr!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"trainer: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        if max_epochs is not None and max_epochs <= 0 or duration is not None and duration <= 0:
+            raise ValueError("trainer: max_epochs and duration must be positive (or null: no limit)")
+        if step_delay < 0 or log_every <= 0 or stop_timeout <= 0:
+            raise ValueError("trainer: step_delay must be >= 0; log_every and stop_timeout positive")
+        if shard is not None and not 0 <= shard < num_shards:
+            raise ValueError(f"trainer: shard must be in [0, {num_shards}), got {shard}")
+        self.module = load_model_module(model)
+        self.model_path = model
+        self.run_id = run_id
+        self.target_batch_size = target_batch_size
+        self.batch_size = batch_size
+        self.lr = float(lr)
+        self.optimizer_name = optimizer
+        self.optimizer_opts = dict(optimizer_opts or {})
+        self.optimizer_opts.setdefault("averaging_timeout", 10.0)  # a stuck round never holds a step forever
+        for reserved in ("dht", "run_id", "target_batch_size", "batch_size_per_step", "optimizer", "params"):
+            if reserved in self.optimizer_opts:
+                raise ValueError(f"trainer: optimizer_opts may not set {reserved!r} (the role sets it)")
+        self.max_epochs = max_epochs
+        self.duration = duration
+        self.model_seed = model_seed
+        shard_of = getattr(self.module, "shard_of", None)
+        self.shard = shard if shard is not None else (shard_of(peer.name, num_shards) if shard_of else 0)
+        self.num_shards = num_shards
+        self.data_seed = data_seed
+        self.step_delay = step_delay
+        self.log_every = log_every
+        self.evaluate = evaluate
+        self.publish_every = publish_every
+        self.metrics_ttl = metrics_ttl
+        self.stop_timeout = stop_timeout
+
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: concurrent.futures.Future | None = None
+        self.optimizer: Any = None  # the hivesim.Optimizer, once the thread made it
+        self.model: Any = None
+        self.epoch = 0
+        self.steps = 0
+        self.samples = 0
+        self.last_loss: float | None = None
+        self.last_eval: dict[str, float] | None = None
+        self.stopped_because: str | None = None
+        self.error: str | None = None
+        self._last_publish = 0.0
+
+    # ------------------------------------------------------------------ lifecycle (event loop)
+
+    async def start(self) -> None:
+        from hivesim.dht.facade import DHT
+
+        self._loop = asyncio.get_running_loop()
+        self.dht_view = DHT.attach(self.peer.dht, self._loop)
+        self._done = start_daemon_thread(self._train, name=f"trainer-{self.peer.name}")
+        self.peer.spawn(self._watch(), name="trainer.watch")
+
+    async def _watch(self) -> None:
+        """Lives as long as the training thread; the peer cancels it on a kill, which stops the thread."""
+        assert self._done is not None
+        try:
+            await asyncio.wrap_future(self._done)
+        except asyncio.CancelledError:
+            self._stop.set()
+            raise
+        except Exception as e:
+            logger.error("peer %s: the training thread failed: %r", self.peer.name, e)
+
+    async def stop(self) -> None:
+        """Raise the flag, give the thread ``stop_timeout`` s to finish its step and shut the optimizer down."""
+        self._stop.set()
+        if self._done is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._done)), self.stop_timeout)
+        except asyncio.TimeoutError:
+            logger.warning("peer %s: the training thread did not stop within %.1f s; shutting its optimizer down",
+                           self.peer.name, self.stop_timeout)
+            if self.optimizer is not None:
+                await asyncio.wrap_future(start_daemon_thread(self.optimizer.shutdown, "trainer-shutdown"))
+        except Exception:
+            pass  # the thread's own error was logged by the watcher
+
+    def _should_stop(self) -> bool:
+        return self._stop.is_set() or self.peer.state in ("killed", "stopped")
+
+    def _emit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+        """Run ``fn`` in the event loop (metrics are only touched there); False once the loop is gone."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return False
+        try:
+            loop.call_soon_threadsafe(partial(fn, *args, **kwargs))
+            return True
+        except RuntimeError:
+            return False
+
+    def _sample(self, name: str, value: float, **fields: Any) -> None:
+        if not self._emit(self.peer.metrics.sample, name, value, **fields):
+            self._stop.set()
+
+    # ------------------------------------------------------------------ the training thread
+
+    def _make_optimizer(self, model: Any) -> Any:
+        import torch
+
+        from hivesim.optim import Optimizer
+
+        factory = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[self.optimizer_name]
+        return Optimizer(dht=self.dht_view, run_id=self.run_id, target_batch_size=self.target_batch_size,
+                         batch_size_per_step=self.batch_size, optimizer=partial(factory, lr=self.lr),
+                         params=model.parameters(), **self.optimizer_opts)
+
+    def _train(self) -> None:
+        try:
+            self._train_loop()
+        except BaseException as e:
+            if not self._should_stop():  # a failure while the peer dies is the death, not a bug
+                self.error = repr(e)
+                self._emit(self.peer.metrics.event, "trainer_failed", error=repr(e)[:300])
+                raise
+            self.stopped_because = self.stopped_because or "peer stopped"
+        finally:
+            if self.optimizer is not None:
+                try:
+                    self.optimizer.shutdown()
+                except Exception as e:
+                    logger.debug("peer %s: optimizer shutdown failed: %r", self.peer.name, e)
+
+    def _train_loop(self) -> None:
+        import torch
+
+        module = self.module
+        model = self.model = module.make_model(self.model_seed)
+        opt = self.optimizer = self._make_optimizer(model)
+        data = module.batches(self.shard, self.batch_size, self.data_seed if self.data_seed is not None else self.shard,
+                              num_shards=self.num_shards)
+        slowdown = float(getattr(self.peer, "slowdown", 1.0) or 1.0)
+        endpoint_stats = self.peer.endpoint.stats
+        bytes_at = (endpoint_stats["bytes_sent"], endpoint_stats["bytes_received"])
+        started = time.monotonic()
+        self.epoch = opt.local_epoch
+        window_losses: list[float] = []
+        window_started, window_samples = time.monotonic(), 0
+        self._evaluate_and_record(model, self.epoch)
+        while True:
+            if self._should_stop():
+                self.stopped_because = "stopped"
+                break
+            if self.max_epochs is not None and opt.local_epoch >= self.max_epochs:
+                self.stopped_because = "max_epochs"
+                break
+            if self.duration is not None and time.monotonic() - started >= self.duration:
+                self.stopped_because = "duration"
+                break
+            batch = next(data)
+            loss = module.loss(model, batch)
+            loss.backward()
+            if self.step_delay:
+                time.sleep(self.step_delay * slowdown)  # stands for a bigger model's compute
+            if self._should_stop():
+                self.stopped_because = "stopped"
+                break
+            epoch_before, downloads_before = opt.local_epoch, opt.state_downloads
+            report_before = opt.last_epoch_report
+            opt.step()
+            opt.zero_grad()
+            value = float(loss.detach())
+            if not torch.isfinite(torch.tensor(value)):
+                raise FloatingPointError(f"the training loss is {value}")
+            self.steps += 1
+            self.samples += self.batch_size
+            self.last_loss = value
+            window_losses.append(value)
+            window_samples += self.batch_size
+
+            now = time.monotonic()
+            if now - window_started >= self.log_every:
+                sps = window_samples / max(now - window_started, 1e-6)
+                self._sample("train_loss", sum(window_losses) / len(window_losses), epoch=opt.local_epoch,
+                             steps=len(window_losses), samples_per_second=round(sps, 1),
+                             global_samples_per_second=round(opt.global_progress.samples_per_second, 1),
+                             peers=opt.global_progress.num_peers)
+                window_losses, window_started, window_samples = [], now, 0
+
+            if opt.local_epoch != epoch_before:
+                sent, received = endpoint_stats["bytes_sent"], endpoint_stats["bytes_received"]
+                report = opt.last_epoch_report
+                downloaded = opt.state_downloads > downloads_before
+                fresh = report is not None and report is not report_before
+                self.epoch = opt.local_epoch
+                self._sample("epoch", opt.local_epoch, previous=epoch_before, downloaded=downloaded,
+                             averaged=bool(fresh and report.averaged), group_size=report.group_size if fresh else 0,
+                             expected_peers=report.expected_peers if fresh else 0,
+                             samples=report.samples if fresh else 0,
+                             seconds=round(report.seconds, 4) if fresh else 0.0,
+                             bytes_sent=sent - bytes_at[0], bytes_received=received - bytes_at[1],
+                             state_downloads=opt.state_downloads, averaging_failures=opt.averaging_failures)
+                bytes_at = (sent, received)
+                self._evaluate_and_record(model, opt.local_epoch)
+            self._maybe_publish(opt)
+        self._sample("trainer_done", opt.local_epoch, reason=self.stopped_because, steps=self.steps,
+                     state_downloads=opt.state_downloads, averaging_failures=opt.averaging_failures)
+
+    def _evaluate_and_record(self, model: Any, epoch: int) -> None:
+        if not self.evaluate:
+            return
+        result = self.module.evaluate(model)
+        self.last_eval = result
+        self._sample("eval", result["loss"], accuracy=result.get("accuracy"), epoch=epoch)
+        self._last_publish = 0.0  # publish the new figures soon
+
+    def _maybe_publish(self, opt: Any) -> None:
+        now = time.monotonic()
+        if self.publish_every <= 0 or now - self._last_publish < self.publish_every or self.last_loss is None:
+            return
+        self._last_publish = now
+        record = TrainerMetricsRecord(epoch=opt.local_epoch, loss=min(max(self.last_loss, 0.0), 1e9),
+                                      test_loss=None if self.last_eval is None else self.last_eval["loss"],
+                                      test_accuracy=None if self.last_eval is None else self.last_eval.get("accuracy"),
+                                      sps=min(max(float(opt.local_progress.samples_per_second), 0.0), 1e9),
+                                      time=get_dht_time())
+        node = self.peer.dht
+        self._emit(self._publish, node, record)
+
+    def _publish(self, node: Any, record: TrainerMetricsRecord) -> None:
+        """(event loop) store the record in the background; a failed store is retried at the next publish."""
+        if self.peer.state not in ("running", "starting"):
+            return
+
+        async def store() -> None:
+            try:
+                await node.store(metrics_key(self.run_id), record.model_dump(), get_dht_time() + self.metrics_ttl,
+                                 subkey=owner_marker(node.public_key))
+            except Exception as e:
+                logger.debug("peer %s: metrics store failed: %r", self.peer.name, e)
+
+        self.peer.spawn(store(), name="trainer.publish")
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"epoch": self.epoch, "steps": self.steps}
+        if self.last_loss is not None:
+            out["loss"] = round(self.last_loss, 4)
+        return out
+
+
+ROLE = TrainerRole
