@@ -37,6 +37,7 @@ from hivesim.optim.training_state import StateMismatch, check_optimizer_state, c
 
 logger = logging.getLogger(__name__)
 
+CONFIRM_READ_AGE = 0.05  # seconds: a view of the swarm older than this is re-read before an epoch ends (once an epoch)
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -202,6 +203,7 @@ class Optimizer:
         self.averaging_failures = 0
         self.epochs_averaged = 0
         self.state_downloads = 0
+        self.last_download: dict[str, Any] | None = None  # epoch, donors, failed_donors of the last state download
         self.last_epoch_report: EpochReport | None = None
         self.epoch_reports: list[EpochReport] = []  # the last few transitions, newest last
         self._averager_opts = dict(averager_opts or {})
@@ -221,7 +223,14 @@ class Optimizer:
                                         declare=not (client_mode or auxiliary))
         self.state_server.epoch_now = lambda: self.local_epoch
 
+        if not auxiliary and not self.average_opt_statistics and (use_local_updates or average_state_every):
+            # registered up front: a peer whose state averager appeared only at its first round would refuse the
+            # join requests of faster peers (optimizer statistics exist only after a step: those start lazily)
+            self._state_averager(self._state_tensors(), start=False)
+
         async def start() -> None:
+            if self._state_core is not None:
+                await self._state_core.start()
             await self.grad_averager.start()
             await self.tracker._fetch()  # know the swarm before the first step
             await self.tracker.start()
@@ -303,7 +312,7 @@ class Optimizer:
         self.local_samples += batch_size
         self._local_steps += 1
         self.tracker.report_local_progress(self.local_epoch, self.local_samples, new_samples=batch_size)
-        if self.tracker.ready_to_update_epoch():
+        if self._ready_to_update_epoch():
             self._update_epoch()
         return loss
 
@@ -317,6 +326,16 @@ class Optimizer:
                     p.grad = None
                 else:
                     p.grad.zero_()
+
+    def _ready_to_update_epoch(self) -> bool:
+        """The tracker says the target is reached, confirmed by a fresh read when its view is old (peers that
+        started together may not have seen each other yet)."""
+        if not self.tracker.ready_to_update_epoch():
+            return False
+        if self.tracker.staleness > CONFIRM_READ_AGE:
+            self._run(self.tracker.refresh)
+            return self.tracker.ready_to_update_epoch()
+        return True
 
     def _accumulate(self, batch_size: int) -> None:
         assert self._grad_acc is not None
@@ -467,7 +486,7 @@ class Optimizer:
     def _auxiliary_step(self) -> None:
         """An auxiliary peer waits for the swarm's next transition and helps reduce it."""
         deadline = time.monotonic() + (self.averaging_timeout or 60.0)
-        while not self.tracker.ready_to_update_epoch() and time.monotonic() < deadline:
+        while not self._ready_to_update_epoch() and time.monotonic() < deadline:
             if self.global_epoch > self.local_epoch:
                 break
             time.sleep(min(0.05, max(0.0, self.tracker.global_progress.next_fetch_time - self.tracker.global_progress.time)))
@@ -497,14 +516,15 @@ class Optimizer:
                 tensors.append(value)
         return tensors + self.extra_tensors
 
-    def _state_averager(self, tensors: Sequence[torch.Tensor]) -> AveragerCore:
+    def _state_averager(self, tensors: Sequence[torch.Tensor], start: bool = True) -> AveragerCore:
         if self._state_core is None:
             node = self.dht.node
             core = AveragerCore(node.endpoint, node, [t.detach().float() for t in tensors], prefix=f"{self.run_id}_state",
                                 target_group_size=2, min_group_size=2, client_mode=self.client_mode,
                                 compression=self._state_codec, matchmaking_time=self._matchmaking_time,
                                 allreduce_timeout=self._allreduce_timeout, **self._averager_opts)
-            self._run(core.start)
+            if start:
+                self._run(core.start)
             self._state_core = core
         return self._state_core
 
@@ -613,6 +633,7 @@ class Optimizer:
             logger.warning("%s: refused the downloaded state: %s", self.run_id, e)
             return False
         self.state_downloads += 1
+        self.last_download = {"epoch": got.epoch, "donors": got.donors, "failed_donors": got.failed_donors}
         self._log("loaded state of epoch %d from %d donors (%d failed)", got.epoch, len(got.donors), got.failed_donors)
         return True
 

@@ -144,6 +144,7 @@ class ProgressTracker:
         self._task: asyncio.Task | None = None
         self._published: tuple[int, int] | None = None
         self._published_at = 0.0
+        self._published_sps = 0.0
         self._fetch_now = True
         self.reads = 0
         self.stores = 0
@@ -215,6 +216,29 @@ class ProgressTracker:
             total += record.samples + min(record.sps, MAX_THROUGHPUT) * max(0.0, min(now - record.time, self.max_refresh_period))
         return total
 
+    @property
+    def staleness(self) -> float:
+        """Seconds since the swarm's progress was last read."""
+        return get_dht_time() - self.global_progress.time
+
+    async def refresh(self) -> GlobalProgress:
+        """Read the swarm's progress now."""
+        await self._fetch()
+        return self.global_progress
+
+    def _next_fetch_time(self) -> float:
+        """When to read again: about halfway to the moment the target should be reached by the current
+        estimate (own progress included), within the refresh bounds."""
+        now = get_dht_time()
+        progress = self.global_progress
+        sps = self.local.samples_per_second + sum(
+            min(r.sps, MAX_THROUGHPUT) for pid, r in progress.peers.items()
+            if pid != self.dht.peer_id and r.epoch == self.local.epoch and not r.aux)
+        missing = self.target_batch_size - self.estimated_samples(now)
+        eta = missing / sps if sps > 0 else self.max_refresh_period
+        wait = min(self.max_refresh_period, max(self.min_refresh_period, 0.5 * eta))
+        return min(progress.next_fetch_time, progress.time + wait)
+
     def ready_to_update_epoch(self) -> bool:
         """The swarm reached ``target_batch_size`` at this peer's epoch, or moved past it."""
         return self.global_progress.epoch > self.local.epoch or self.estimated_samples() >= self.target_batch_size
@@ -229,19 +253,15 @@ class ProgressTracker:
     async def _run(self) -> None:
         while True:
             now = get_dht_time()
-            state = (self.local.epoch, self.local.samples)
-            if state != self._published and (state[0] != (self._published or (-1,))[0]
-                                             or now - self._published_at >= self.publish_period):
+            if self._should_publish(now):
                 await self._publish()
-            elif now - self._published_at >= self.expiration / 3:
-                await self._publish()  # keep the record alive while idle
-            if self._fetch_now or get_dht_time() >= self.global_progress.next_fetch_time:
+            if self._fetch_now or get_dht_time() >= self._next_fetch_time():
                 self._fetch_now = False
                 await self._fetch()
             self._wake.clear()
             next_publish = self._published_at + (self.publish_period if (self.local.epoch, self.local.samples) != self._published
                                                  else self.expiration / 3)
-            sleep = min(self.global_progress.next_fetch_time, next_publish) - get_dht_time()
+            sleep = min(self._next_fetch_time(), next_publish) - get_dht_time()
             if self._fetch_now:
                 sleep = 0.0
             try:
@@ -249,7 +269,19 @@ class ProgressTracker:
             except asyncio.TimeoutError:
                 pass
 
+    def _should_publish(self, now: float) -> bool:
+        """A new epoch at once; a first throughput at once (others extrapolate from it); other progress at
+        most every ``publish_period``; an unchanged record before it expires."""
+        state = (self.local.epoch, self.local.samples)
+        if self._published is None or state[0] != self._published[0]:
+            return True
+        if self._published_sps == 0.0 and self.local.samples_per_second > 0:
+            return True
+        since = now - self._published_at
+        return since >= (self.publish_period if state != self._published else self.expiration / 3)
+
     async def _publish(self) -> None:
+        self._published_sps = self.local.samples_per_second
         self._published = (self.local.epoch, self.local.samples)
         self._published_at = get_dht_time()
         await self._store(self._published_at + self.expiration)
