@@ -198,6 +198,8 @@ class Optimizer:
         self._pending_step: concurrent.futures.Future | None = None  # a delayed step (and averaging)
         self._pending_state: tuple[concurrent.futures.Future, list[torch.Tensor]] | None = None  # state averaging
         self._checked_newcomer = False
+        self._next_load_attempt = 0.0
+        self.failed_downloads = 0
         self._warned_alone = False
         self._closed = False
         self.averaging_failures = 0
@@ -595,6 +597,8 @@ class Optimizer:
     def _should_load_state(self) -> bool:
         if self.auxiliary:
             return False
+        if time.monotonic() < self._next_load_attempt:
+            return False  # the last download failed: train on meanwhile, try again later
         first, self._checked_newcomer = not self._checked_newcomer, True
         if first and self.global_epoch > self.local_epoch:
             return True  # a newcomer to a swarm that has moved on: start from its state, not from scratch
@@ -625,17 +629,24 @@ class Optimizer:
             got = self._run(lambda: download_state(node.endpoint, node, self.run_id, timeout=timeout,
                                                    max_donors=max_donors, exclude=node.peer_id), timeout + 10.0)
         except (StateUnavailable, TimeoutError, concurrent.futures.TimeoutError) as e:
-            logger.warning("%s: could not load state from peers: %s", self.run_id, e)
-            return False
+            return self._download_failed(f"could not load state from peers: {e}")
         try:
             self._install_state(got.epoch, got.meta, got.tensors)
         except (StateMismatch, ValueError, TypeError, KeyError) as e:
-            logger.warning("%s: refused the downloaded state: %s", self.run_id, e)
-            return False
+            return self._download_failed(f"refused the downloaded state: {e}")
         self.state_downloads += 1
+        self.failed_downloads = 0
         self.last_download = {"epoch": got.epoch, "donors": got.donors, "failed_donors": got.failed_donors}
         self._log("loaded state of epoch %d from %d donors (%d failed)", got.epoch, len(got.donors), got.failed_donors)
         return True
+
+    def _download_failed(self, why: str) -> bool:
+        """Log, and back off (doubling, up to a minute) before the next automatic attempt."""
+        self.failed_downloads += 1
+        backoff = min(60.0, 2.0 ** min(self.failed_downloads, 6))
+        self._next_load_attempt = time.monotonic() + backoff
+        logger.warning("%s: %s; training on, next attempt in %.0f s", self.run_id, why, backoff)
+        return False
 
     def _install_state(self, epoch: int, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         params = check_params(tensors, [p.detach() for p in self.main_params], "param")

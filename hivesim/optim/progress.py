@@ -45,6 +45,7 @@ class ProgressRecord(BaseModel):
     time: float = Field(allow_inf_nan=False)
     client: bool = False
     aux: bool = False
+    left: bool = False  # the peer withdrew (a newer record, since the latest expiration wins)
 
 
 def owner_of_subkey(subkey: Any) -> bytes | None:
@@ -159,14 +160,14 @@ class ProgressTracker:
         return self
 
     async def close(self, withdraw: bool = True) -> None:
-        """Stop; ``withdraw`` replaces this peer's record by one that expires at once (others stop counting it)."""
+        """Stop; ``withdraw`` replaces this peer's record by a "left" one (others stop counting it at once)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if withdraw:
-            try:
-                await asyncio.wait_for(self._store(get_dht_time() + 0.5), 2.0)
+            try:  # the latest expiration wins: the withdrawal must outlive the record it replaces
+                await asyncio.wait_for(self._store(get_dht_time() + self.expiration + 1.0, left=True), 2.0)
             except Exception:
                 pass
 
@@ -286,10 +287,10 @@ class ProgressTracker:
         self._published_at = get_dht_time()
         await self._store(self._published_at + self.expiration)
 
-    async def _store(self, expiration_time: float) -> None:
+    async def _store(self, expiration_time: float, left: bool = False) -> None:
         local = self.local
         record = {"epoch": local.epoch, "samples": local.samples, "sps": float(local.samples_per_second),
-                  "time": local.time, "client": local.client, "aux": local.aux}
+                  "time": local.time, "client": local.client, "aux": local.aux, "left": left}
         try:
             await self.dht.store(self.key, record, expiration_time, subkey=self.subkey)
             self.stores += 1
@@ -321,7 +322,8 @@ class ProgressTracker:
             except ValidationError:
                 self.ignored_records += 1
                 continue
-            peers[peer_id_from_public_key(owner)] = record
+            if not record.left:
+                peers[peer_id_from_public_key(owner)] = record
         me = self.local
         peers[self.dht.peer_id] = ProgressRecord(epoch=me.epoch, samples=me.samples, sps=me.samples_per_second,
                                                  time=me.time, client=me.client, aux=me.aux)

@@ -50,6 +50,7 @@ class DonorRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     addr: str = Field(min_length=1, max_length=MAX_ADDRESS)
     epoch: int = Field(ge=0, le=MAX_EPOCH)
+    left: bool = False  # withdrawn (the latest expiration wins, so a withdrawal is a newer record)
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,8 @@ class StateServer:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            try:  # withdraw: a declaration that expires at once
-                await asyncio.wait_for(self._store(self.epoch_now(), get_dht_time() + 0.5), 2.0)
+            try:  # withdraw: a newer declaration that says so
+                await asyncio.wait_for(self._store(self.epoch_now(), get_dht_time() + self.expiration + 1.0, left=True), 2.0)
             except Exception:
                 pass
         self._snapshot = None
@@ -150,10 +151,10 @@ class StateServer:
             except asyncio.TimeoutError:
                 pass
 
-    async def _store(self, epoch: int, expiration_time: float) -> None:
+    async def _store(self, epoch: int, expiration_time: float, left: bool = False) -> None:
         try:
-            await self.dht.store(self.key, {"addr": self.endpoint.address, "epoch": int(epoch)}, expiration_time,
-                                 subkey=self.subkey)
+            await self.dht.store(self.key, {"addr": self.endpoint.address, "epoch": int(epoch), "left": left},
+                                 expiration_time, subkey=self.subkey)
         except Exception as e:
             logger.debug("donor declaration failed: %r", e)
 
@@ -207,7 +208,7 @@ async def find_donors(dht: DHTNode, run_id: str, exclude: bytes | None = None) -
         except ValidationError:
             continue
         peer_id = peer_id_from_public_key(owner)
-        if peer_id != exclude:
+        if peer_id != exclude and not record.left:
             donors.append(Donor(peer_id, record.addr, record.epoch))
     random.shuffle(donors)
     donors.sort(key=lambda d: -d.epoch)
