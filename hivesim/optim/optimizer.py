@@ -299,7 +299,7 @@ class Optimizer:
         if self._should_load_state():
             self._log("behind the swarm (local epoch %d, global %d): loading state from peers",
                       self.local_epoch, self.global_epoch)
-            self.load_state_from_peers()
+            self._catch_up()
             return loss
         if self.auxiliary:
             self._auxiliary_step()
@@ -392,7 +392,12 @@ class Optimizer:
         self.tracker.pause_throughput()
         epoch, samples = self.local_epoch, self.local_samples
         expected = self.tracker.peers_at(epoch)
-        swarm_moved_on = self.global_epoch > epoch  # the others finished this epoch already: nobody to meet
+        # the others finished this epoch already: nobody to meet. With delayed averaging a peer announces the
+        # next epoch as soon as it launches the round in the background, so peers one epoch ahead still count
+        ahead = 1 if self.delay_grad_averaging else 0
+        if ahead:
+            expected += self.tracker.peers_at(epoch + 1) - 1
+        swarm_moved_on = self.global_epoch > epoch + ahead
         if self.use_local_updates:
             result = self._average_state(weight=float(samples), epoch=epoch, expected=expected, skip=swarm_moved_on)
             averaged_with = result.group_size if result is not None else 0
@@ -603,6 +608,19 @@ class Optimizer:
         if first and self.global_epoch > self.local_epoch:
             return True  # a newcomer to a swarm that has moved on: start from its state, not from scratch
         return self.local_epoch < self.global_epoch - 1
+
+    def _catch_up(self) -> None:
+        """Download the swarm's state early in one of its epochs. A state that arrives just before the swarm's
+        next transition would leave this peer alone at an epoch the others have finished averaging (it would
+        wait out a matchmaking window for nobody, fall behind and download again): so while the swarm is past
+        half its target, wait (at most one epoch, bounded) for its next epoch to begin."""
+        deadline = time.monotonic() + min(60.0, self.load_state_timeout)
+        epoch = self.global_epoch
+        while (time.monotonic() < deadline and self.global_epoch == epoch
+               and self.tracker.estimated_samples(epoch=epoch) > 0.5 * self.target_batch_size):
+            self._run(self.tracker.refresh)
+            time.sleep(min(0.25, self.tracker.min_refresh_period))
+        self.load_state_from_peers()
 
     def _state_for_donation(self) -> tuple[int, dict[str, Any], list[tuple[str, torch.Tensor]]]:
         """``(epoch, meta, named tensors)`` copied under the state lock (runs on an executor thread)."""

@@ -203,18 +203,22 @@ class ProgressTracker:
     def global_epoch(self) -> int:
         return self.global_progress.epoch
 
-    def estimated_samples(self, now: float | None = None) -> float:
-        """Samples the swarm has accumulated toward this epoch's target by ``now`` (DHT time), counting this
-        peer's own exact figure and extrapolating the others' from their throughput since their record."""
+    def estimated_samples(self, now: float | None = None, epoch: int | None = None) -> float:
+        """Samples the swarm has accumulated toward ``epoch``'s target (default: this peer's epoch) by ``now``
+        (DHT time): this peer's own exact figure, the others' extrapolated from their throughput since their
+        record. A training peer re-publishes every ``publish_period``; an older record belongs to a peer that
+        stopped (it waits for the transition), so it is extrapolated no further than that."""
         now = get_dht_time() if now is None else now
         progress = self.global_progress
-        if self.local.epoch < progress.epoch:
+        epoch = self.local.epoch if epoch is None else epoch
+        if epoch < progress.epoch:
             return 0.0
-        total = float(self.local.samples)
+        total = float(self.local.samples) if epoch == self.local.epoch else 0.0
         for peer_id, record in progress.peers.items():
-            if peer_id == self.dht.peer_id or record.epoch != self.local.epoch:
+            if peer_id == self.dht.peer_id or record.epoch != epoch:
                 continue
-            total += record.samples + min(record.sps, MAX_THROUGHPUT) * max(0.0, min(now - record.time, self.max_refresh_period))
+            horizon = min(now - record.time, 1.5 * self.publish_period)
+            total += record.samples + min(record.sps, MAX_THROUGHPUT) * max(0.0, horizon)
         return total
 
     @property
@@ -229,12 +233,15 @@ class ProgressTracker:
 
     def _next_fetch_time(self) -> float:
         """When to read again: about halfway to the moment the target should be reached by the current
-        estimate (own progress included), within the refresh bounds."""
+        estimate (own progress included), within the refresh bounds; soon while peers that were at the
+        previous epoch have not been seen at this one yet (they are finishing the same transition)."""
         now = get_dht_time()
         progress = self.global_progress
-        sps = self.local.samples_per_second + sum(
-            min(r.sps, MAX_THROUGHPUT) for pid, r in progress.peers.items()
-            if pid != self.dht.peer_id and r.epoch == self.local.epoch and not r.aux)
+        epoch = self.local.epoch
+        others = [r for pid, r in progress.peers.items() if pid != self.dht.peer_id and not r.aux]
+        if any(r.epoch == epoch - 1 for r in others):
+            return progress.time + self.min_refresh_period
+        sps = self.local.samples_per_second + sum(min(r.sps, MAX_THROUGHPUT) for r in others if r.epoch == epoch)
         missing = self.target_batch_size - self.estimated_samples(now)
         eta = missing / sps if sps > 0 else self.max_refresh_period
         wait = min(self.max_refresh_period, max(self.min_refresh_period, 0.5 * eta))

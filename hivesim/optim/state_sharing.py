@@ -10,8 +10,8 @@ the others; every tensor is tried a bounded number of times, everything within o
 tensor is checked against the manifest (shape, dtype, finite) before the caller sees it.
 
 A donor answers from a snapshot of its state taken at the first request of an epoch, so the shares of
-one download are consistent even while the donor keeps training; the snapshot is dropped when the
-donor's epoch moves on or after ``snapshot_ttl`` seconds.
+one download are consistent even while the donor keeps training; it keeps the snapshots of its last two
+epochs, each for at most ``snapshot_ttl`` seconds.
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ class StateServer:
         self.key = f"{run_id}_donors"
         self.subkey = owner_marker(dht.public_key)
         self.epoch_now: Callable[[], int] = lambda: 0
-        self._snapshot: tuple[int, float, dict[str, Any], list[tuple[str, torch.Tensor]]] | None = None
+        # epoch -> (taken at, meta, tensors): the current epoch's and the previous one's, so that a download
+        # that started just before this donor moved on still finishes
+        self._snapshots: dict[int, tuple[float, dict[str, Any], list[tuple[str, torch.Tensor]]]] = {}
         self._snapshot_lock = asyncio.Lock()
         self._declared_epoch: int | None = None
         self._declared_at = 0.0
@@ -128,7 +130,7 @@ class StateServer:
                 await asyncio.wait_for(self._store(self.epoch_now(), get_dht_time() + self.expiration + 1.0, left=True), 2.0)
             except Exception:
                 pass
-        self._snapshot = None
+        self._snapshots.clear()
 
     def epoch_changed(self) -> None:
         """Re-declare soon (thread-safe)."""
@@ -158,25 +160,35 @@ class StateServer:
         except Exception as e:
             logger.debug("donor declaration failed: %r", e)
 
-    async def _current_snapshot(self) -> tuple[int, dict[str, Any], list[tuple[str, torch.Tensor]]]:
+    async def _snapshot(self, epoch: int | None = None) -> tuple[int, dict[str, Any], list[tuple[str, torch.Tensor]]]:
+        """The snapshot of ``epoch`` if this donor still has it, else of its current state."""
         async with self._snapshot_lock:
-            snap = self._snapshot
-            epoch = self.epoch_now()
-            if snap is None or snap[0] != epoch or time.monotonic() - snap[1] > self.snapshot_ttl:
+            now = time.monotonic()
+            for old in [e for e, snap in self._snapshots.items() if now - snap[0] > self.snapshot_ttl]:
+                del self._snapshots[old]
+            if epoch is not None and epoch in self._snapshots:
+                taken, meta, tensors = self._snapshots[epoch]
+                return epoch, meta, tensors
+            current = self.epoch_now()
+            if current not in self._snapshots:
                 loop = asyncio.get_running_loop()
                 got_epoch, meta, tensors = await loop.run_in_executor(None, self.provider)
-                snap = self._snapshot = (got_epoch, time.monotonic(), meta, tensors)
-            return snap[0], snap[2], snap[3]
+                self._snapshots[got_epoch] = (now, meta, tensors)
+                for old in sorted(self._snapshots)[:-2]:  # keep two epochs at most
+                    del self._snapshots[old]
+                current = got_epoch
+            taken, meta, tensors = self._snapshots[current]
+            return current, meta, tensors
 
     async def _rpc_info(self, payload: Any, ctx: CallContext) -> dict[str, Any]:
-        epoch, meta, tensors = await self._current_snapshot()
+        epoch, meta, tensors = await self._snapshot()
         return {"epoch": epoch, "meta": meta, "names": [n for n, _ in tensors],
                 "shapes": [list(t.shape) for _, t in tensors], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in tensors]}
 
     async def _rpc_part(self, payload: Any, ctx: CallContext) -> dict[str, Any]:
         if not isinstance(payload, dict) or not isinstance(payload.get("indices"), list) or not isinstance(payload.get("epoch"), int):
             raise ValueError("state_part needs {'epoch': int, 'indices': [int, ...]}")
-        epoch, _, tensors = await self._current_snapshot()
+        epoch, _, tensors = await self._snapshot(payload["epoch"])
         if payload["epoch"] != epoch:
             raise ValueError(f"this donor is at epoch {epoch}, not {payload['epoch']}")
         indices = payload["indices"]
@@ -284,13 +296,16 @@ async def download_state(endpoint: Endpoint, dht: DHTNode, run_id: str, *, timeo
         tried += 1
         try:
             manifest = _parse_manifest(await endpoint.call(donor.address, info_method, None, timeout=min(left, request_timeout)))
+            answered = donor
             break
         except (RPCError, ValueError) as e:
             logger.info("donor %s gave no manifest: %s", donor.peer_id.hex()[:8], e)
     if manifest is None:
         raise StateUnavailable(f"none of {tried} donors answered with a state manifest")
     epoch, meta, names, shapes, dtypes = manifest
-    pool = [d for d in donors if d.epoch == epoch][:max_donors]
+    # the donor that answered, and others that declared this epoch or the one before (a donor's declaration
+    # may lag its training by a moment; one that has moved on keeps the last epoch's snapshot for a while)
+    pool = [answered] + [d for d in donors if d is not answered and d.epoch >= epoch - 1][: max_donors - 1]
     pending = list(range(len(names)))
     results: dict[int, torch.Tensor] = {}
     attempts = dict.fromkeys(pending, 0)
