@@ -16,9 +16,9 @@ def test_readme_train_together_example_runs(tmp_path):
     script.write_text(code)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("peer "))
-    assert [line.split(":")[0] for line in lines] == ["peer 0", "peer 1", "peer 2"], out.stdout
-    for line in lines:
-        assert "epoch 12," in line
-        assert float(re.search(r"accuracy ([0-9.]+)", line).group(1)) > 0.6, line
-    assert "state downloads 1" in lines[2]  # the newcomer downloaded the swarm's state
+    # (three threads print: lines may interleave)
+    found = sorted(re.findall(r"peer (\d): epoch (\d+), loss [0-9.]+, accuracy ([0-9.]+), state downloads (\d+)", out.stdout))
+    assert [peer for peer, *_ in found] == ["0", "1", "2"], out.stdout
+    for peer, epoch, accuracy, downloads in found:
+        assert epoch == "12" and float(accuracy) > 0.6, found
+    assert int(found[2][3]) >= 1  # the newcomer downloaded the swarm's state

@@ -391,7 +391,12 @@ class Optimizer:
         started = time.monotonic()
         self.tracker.pause_throughput()
         epoch, samples = self.local_epoch, self.local_samples
-        expected = self.tracker.peers_at(epoch)
+        if self.global_epoch <= epoch:
+            self._run(self.tracker.announce_transition)
+        expected = self.tracker.peers_around(epoch)
+        self._log("epoch %d ends here with %d samples: expecting %d peers (view %.2f s old: %s)", epoch, samples,
+                  expected, self.tracker.staleness,
+                  sorted((r.epoch, r.samples, r.averaging) for r in self.tracker.global_progress.peers.values()))
         # the others finished this epoch already: nobody to meet. With delayed averaging a peer announces the
         # next epoch as soon as it launches the round in the background, so peers one epoch ahead still count
         ahead = 1 if self.delay_grad_averaging else 0
@@ -613,13 +618,19 @@ class Optimizer:
         """Download the swarm's state early in one of its epochs. A state that arrives just before the swarm's
         next transition would leave this peer alone at an epoch the others have finished averaging (it would
         wait out a matchmaking window for nobody, fall behind and download again): so while the swarm is past
-        half its target, wait (at most one epoch, bounded) for its next epoch to begin."""
-        deadline = time.monotonic() + min(60.0, self.load_state_timeout)
+        half its target and still training toward it, wait (until its expected transition, bounded) for its
+        next epoch to begin."""
+        deadline = time.monotonic() + min(30.0, self.load_state_timeout)
         epoch = self.global_epoch
-        while (time.monotonic() < deadline and self.global_epoch == epoch
-               and self.tracker.estimated_samples(epoch=epoch) > 0.5 * self.target_batch_size):
+        while time.monotonic() < deadline and self.global_epoch == epoch:
+            progress = self.tracker.global_progress
+            done = self.tracker.estimated_samples(epoch=epoch)
+            training = any(r.epoch == epoch and r.sps > 0 and not r.averaging and progress.time - r.time < 2.0
+                           for r in progress.peers.values())
+            if not training or not 0.5 * self.target_batch_size < done < self.target_batch_size:
+                break  # early in the epoch, or nobody is moving toward its end: download now
+            time.sleep(0.05)
             self._run(self.tracker.refresh)
-            time.sleep(min(0.25, self.tracker.min_refresh_period))
         self.load_state_from_peers()
 
     def _state_for_donation(self) -> tuple[int, dict[str, Any], list[tuple[str, torch.Tensor]]]:

@@ -46,6 +46,7 @@ class ProgressRecord(BaseModel):
     client: bool = False
     aux: bool = False
     left: bool = False  # the peer withdrew (a newer record, since the latest expiration wins)
+    averaging: bool = False  # the peer has ended this epoch and is averaging: the others should join it now
 
 
 def owner_of_subkey(subkey: Any) -> bytes | None:
@@ -57,6 +58,16 @@ def owner_of_subkey(subkey: Any) -> bytes | None:
     except ValueError:
         return None
     return key if len(key) == 32 else None
+
+
+def set_from_any_thread(loop: asyncio.AbstractEventLoop | None, event: asyncio.Event) -> None:
+    """``event.set()`` in ``loop`` from whatever thread (a training thread wakes a network loop); a loop that is
+    gone is ignored."""
+    if loop is not None and not loop.is_closed():
+        try:
+            loop.call_soon_threadsafe(event.set)
+        except RuntimeError:  # closed meanwhile
+            pass
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ class LocalProgress:
     time: float = 0.0
     client: bool = False
     aux: bool = False
+    averaging: bool = False
 
 
 class _Throughput:
@@ -122,7 +134,7 @@ class ProgressTracker:
     """
 
     def __init__(self, dht: DHTNode, run_id: str, target_batch_size: int, *, client_mode: bool = False,
-                 auxiliary: bool = False, min_refresh_period: float = 0.25, max_refresh_period: float = 10.0,
+                 auxiliary: bool = False, min_refresh_period: float = 0.05, max_refresh_period: float = 10.0,
                  expiration: float = 30.0, publish_period: float = 0.5) -> None:
         if target_batch_size <= 0:
             raise ValueError(f"target_batch_size must be positive, got {target_batch_size}")
@@ -146,6 +158,8 @@ class ProgressTracker:
         self._published: tuple[int, int] | None = None
         self._published_at = 0.0
         self._published_sps = 0.0
+        self._epoch_started: float | None = None
+        self.epoch_seconds: float | None = None  # how long this peer's last epoch took
         self._fetch_now = True
         self.reads = 0
         self.stores = 0
@@ -173,10 +187,21 @@ class ProgressTracker:
 
     # ------------------------------------------------------------------ from the training thread
 
+    async def announce_transition(self) -> None:
+        """Publish at once that this peer ended its epoch and is averaging: peers still accumulating for it
+        join now instead of when their own estimate says so (with short epochs, estimates lag behind)."""
+        self.local.averaging = True
+        self.local.time = get_dht_time()
+        await self._publish()
+
     def report_local_progress(self, epoch: int, samples: int, *, new_samples: int = 0) -> None:
         """This peer is at ``epoch`` with ``samples`` accumulated in it (``new_samples`` just added). Thread-safe."""
         now = get_dht_time()
         changed_epoch = epoch != self.local.epoch
+        if changed_epoch:
+            self.local.averaging = False
+            self.epoch_seconds = now - self._epoch_started if self._epoch_started is not None else None
+            self._epoch_started = now
         self.local.samples_per_second = self.throughput.add(new_samples, now) if new_samples else self.local.samples_per_second
         self.local.epoch, self.local.samples, self.local.time = int(epoch), int(samples), now
         if changed_epoch:
@@ -192,12 +217,7 @@ class ProgressTracker:
         self._poke()
 
     def _poke(self) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self._wake.set)
-            except RuntimeError:
-                pass
+        set_from_any_thread(self._loop, self._wake)
 
     @property
     def global_epoch(self) -> int:
@@ -241,15 +261,32 @@ class ProgressTracker:
         others = [r for pid, r in progress.peers.items() if pid != self.dht.peer_id and not r.aux]
         if any(r.epoch == epoch - 1 for r in others):
             return progress.time + self.min_refresh_period
-        sps = self.local.samples_per_second + sum(min(r.sps, MAX_THROUGHPUT) for r in others if r.epoch == epoch)
-        missing = self.target_batch_size - self.estimated_samples(now)
-        eta = missing / sps if sps > 0 else self.max_refresh_period
-        wait = min(self.max_refresh_period, max(self.min_refresh_period, 0.5 * eta))
+        wait = min(self._longest_wait(), max(self.min_refresh_period, 0.5 * self._time_to_target(now)))
         return min(progress.next_fetch_time, progress.time + wait)
 
+    def _longest_wait(self) -> float:
+        """An estimate from an old view can be far off (peers it did not see, peers that stopped to average):
+        read at least four times an epoch (twice a second before the first epoch's length is known)."""
+        epoch = self.epoch_seconds
+        return min(self.max_refresh_period, max(self.min_refresh_period, 0.25 * epoch if epoch else 0.5))
+
     def ready_to_update_epoch(self) -> bool:
-        """The swarm reached ``target_batch_size`` at this peer's epoch, or moved past it."""
-        return self.global_progress.epoch > self.local.epoch or self.estimated_samples() >= self.target_batch_size
+        """The swarm reached ``target_batch_size`` at this peer's epoch, moved past it, or a peer at this epoch
+        has ended it and is averaging."""
+        progress = self.global_progress
+        if progress.epoch > self.local.epoch or self.estimated_samples() >= self.target_batch_size:
+            return True
+        return any(r.averaging and r.epoch == self.local.epoch for pid, r in progress.peers.items() if pid != self.dht.peer_id)
+
+    def peers_around(self, epoch: int) -> int:
+        """Peers to expect in ``epoch``'s averaging: those at it, and those whose last record says the epoch
+        before (with short epochs a read often predates their move; a peer that is really behind makes the
+        round wait until its early start instead of ending it at once without the others)."""
+        now = get_dht_time()
+        fresh = 4 * self.publish_period
+        peers = {pid for pid, r in self.global_progress.peers.items()
+                 if r.epoch == epoch or (r.epoch == epoch - 1 and now - r.time < fresh)}
+        return len(peers | {self.dht.peer_id})
 
     def peers_at(self, epoch: int) -> int:
         """Live peers whose record says ``epoch`` (this peer included)."""
@@ -286,7 +323,19 @@ class ProgressTracker:
         if self._published_sps == 0.0 and self.local.samples_per_second > 0:
             return True
         since = now - self._published_at
-        return since >= (self.publish_period if state != self._published else self.expiration / 3)
+        if state == self._published:
+            return since >= self.expiration / 3
+        # near the target, publish more often: others decide from these records when the epoch ends
+        return since >= min(self.publish_period, max(self.min_refresh_period, 0.25 * self._time_to_target(now)))
+
+    def _time_to_target(self, now: float) -> float:
+        """Seconds until the swarm should reach the target at this peer's epoch, by the current estimate."""
+        progress = self.global_progress
+        sps = self.local.samples_per_second + sum(
+            min(r.sps, MAX_THROUGHPUT) for pid, r in progress.peers.items()
+            if pid != self.dht.peer_id and r.epoch == self.local.epoch and not r.aux)
+        missing = self.target_batch_size - self.estimated_samples(now)
+        return max(0.0, missing) / sps if sps > 0 else self.max_refresh_period
 
     async def _publish(self) -> None:
         self._published_sps = self.local.samples_per_second
@@ -297,7 +346,8 @@ class ProgressTracker:
     async def _store(self, expiration_time: float, left: bool = False) -> None:
         local = self.local
         record = {"epoch": local.epoch, "samples": local.samples, "sps": float(local.samples_per_second),
-                  "time": local.time, "client": local.client, "aux": local.aux, "left": left}
+                  "time": local.time, "client": local.client, "aux": local.aux, "left": left,
+                  "averaging": local.averaging}
         try:
             await self.dht.store(self.key, record, expiration_time, subkey=self.subkey)
             self.stores += 1
@@ -333,7 +383,7 @@ class ProgressTracker:
                 peers[peer_id_from_public_key(owner)] = record
         me = self.local
         peers[self.dht.peer_id] = ProgressRecord(epoch=me.epoch, samples=me.samples, sps=me.samples_per_second,
-                                                 time=me.time, client=me.client, aux=me.aux)
+                                                 time=me.time, client=me.client, aux=me.aux, averaging=me.averaging)
         servers = [r.epoch for r in peers.values() if not r.client]
         epoch = max(servers) if servers else max(r.epoch for r in peers.values())
         at_epoch = [r for r in peers.values() if r.epoch == epoch]

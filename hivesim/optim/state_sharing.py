@@ -35,7 +35,7 @@ from hivesim.net.codecs import NONE, Codec, get_codec, resolve_codec
 from hivesim.net.errors import RPCError
 from hivesim.net.identity import peer_id_from_public_key
 from hivesim.net.rpc import CallContext, Endpoint
-from hivesim.optim.progress import MAX_EPOCH, owner_of_subkey
+from hivesim.optim.progress import MAX_EPOCH, owner_of_subkey, set_from_any_thread
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +134,7 @@ class StateServer:
 
     def epoch_changed(self) -> None:
         """Re-declare soon (thread-safe)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self._wake.set)
-            except RuntimeError:
-                pass
+        set_from_any_thread(self._loop, self._wake)
 
     async def _declare_forever(self) -> None:
         while True:
