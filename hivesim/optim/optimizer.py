@@ -394,9 +394,10 @@ class Optimizer:
         if self.global_epoch <= epoch:
             self._run(self.tracker.announce_transition)
         expected = self.tracker.peers_around(epoch)
-        self._log("epoch %d ends here with %d samples: expecting %d peers (view %.2f s old: %s)", epoch, samples,
-                  expected, self.tracker.staleness,
-                  sorted((r.epoch, r.samples, r.averaging) for r in self.tracker.global_progress.peers.values()))
+        if logger.isEnabledFor(logging.DEBUG):
+            self._log("epoch %d ends here with %d samples: expecting %d peers (view %.2f s old: %s)", epoch, samples,
+                      expected, self.tracker.staleness,
+                      sorted((r.epoch, r.samples, r.averaging) for r in self.tracker.global_progress.peers.values()))
         # the others finished this epoch already: nobody to meet. With delayed averaging a peer announces the
         # next epoch as soon as it launches the round in the background, so peers one epoch ahead still count
         ahead = 1 if self.delay_grad_averaging else 0
