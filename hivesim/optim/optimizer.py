@@ -21,40 +21,26 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hivesim.averaging.averager import AveragerCore, StepResult
-from hivesim.optim.progress import GlobalProgress, ProgressTracker
-from hivesim.optim.state_sharing import StateServer, StateUnavailable, download_state
-from hivesim.optim.training_state import StateMismatch, check_optimizer_state, check_params, from_skeleton, to_skeleton
+from hivesim.optim.member import SwarmMember, logger
+from hivesim.optim.progress import ProgressTracker
+from hivesim.optim.state_sharing import StateServer
+from hivesim.optim.training_state import check_optimizer_state, check_params, from_skeleton, to_skeleton
 
-logger = logging.getLogger(__name__)
 
 CONFIRM_READ_AGE = 0.05  # seconds: a view of the swarm older than this is re-read before an epoch ends (once an epoch)
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
-@dataclass
-class EpochReport:
-    """What happened at one epoch transition (``Optimizer.last_epoch_report``)."""
-
-    epoch: int  # the epoch that ended
-    samples: int  # this peer's samples in it
-    expected_peers: int  # peers the tracker saw at this epoch
-    group_size: int  # peers in the averaging group (0: no averaging)
-    averaged: bool  # gradients (or parameters) were averaged with others
-    seconds: float  # time spent in the transition (averaging + step), as seen by the training thread
-
-
-class Optimizer:
+class Optimizer(SwarmMember):
     """A collaborative optimizer with ``hivemind.Optimizer``'s public API.
 
     Args:
@@ -111,8 +97,8 @@ class Optimizer:
                  load_state_compression: Any = None, client_mode: bool | None = None, auxiliary: bool = False,
                  averager_opts: dict[str, Any] | None = None, tracker_opts: dict[str, Any] | None = None,
                  shutdown_timeout: float = 5.0, verbose: bool = False) -> None:
-        if not isinstance(run_id, str) or not run_id or "." in run_id:
-            raise ValueError(f"run_id must be a non-empty name without dots, got {run_id!r}")
+        self._init_member(dht, run_id, load_state_timeout=load_state_timeout, averaging_timeout=averaging_timeout,
+                          auxiliary=auxiliary, verbose=verbose)
         if not isinstance(target_batch_size, int) or target_batch_size <= 0:
             raise ValueError(f"target_batch_size must be a positive int, got {target_batch_size!r}")
         if batch_size_per_step is not None and (not isinstance(batch_size_per_step, int) or batch_size_per_step <= 0):
@@ -135,11 +121,8 @@ class Optimizer:
         if client_mode and auxiliary:
             raise ValueError("a peer cannot be both client_mode and auxiliary")
 
-        self.dht = dht
-        self.run_id = run_id
         self.target_batch_size = target_batch_size
         self.batch_size_per_step = batch_size_per_step
-        self.load_state_timeout = load_state_timeout
         self.use_local_updates = use_local_updates
         self.delay_optimizer_step = delay_optimizer_step
         self.delay_grad_averaging = delay_grad_averaging
@@ -148,11 +131,8 @@ class Optimizer:
         self.reuse_grad_buffers = reuse_grad_buffers
         self.average_state_every = average_state_every
         self.average_opt_statistics = tuple(average_opt_statistics)
-        self.averaging_timeout = averaging_timeout
         self.client_mode = client_mode
-        self.auxiliary = auxiliary
         self.shutdown_timeout = shutdown_timeout
-        self.verbose = verbose
 
         # --- the model's parameters and the optimizer over them (or over an offloaded copy)
         if isinstance(optimizer, torch.optim.Optimizer):
@@ -188,7 +168,6 @@ class Optimizer:
         self.scheduler = scheduler(self.opt) if scheduler is not None else None
         self.extra_tensors = list(extra_tensors)
 
-        self.local_epoch = 0
         self.local_samples = 0  # this epoch
         self._local_steps = 0
         self._grad_acc = None if (use_local_updates or auxiliary or reuse_grad_buffers) else \
@@ -197,17 +176,7 @@ class Optimizer:
         self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"hivesim-opt-{run_id}")
         self._pending_step: concurrent.futures.Future | None = None  # a delayed step (and averaging)
         self._pending_state: tuple[concurrent.futures.Future, list[torch.Tensor]] | None = None  # state averaging
-        self._checked_newcomer = False
-        self._next_load_attempt = 0.0
-        self.failed_downloads = 0
-        self._warned_alone = False
         self._closed = False
-        self.averaging_failures = 0
-        self.epochs_averaged = 0
-        self.state_downloads = 0
-        self.last_download: dict[str, Any] | None = None  # epoch, donors, failed_donors of the last state download
-        self.last_epoch_report: EpochReport | None = None
-        self.epoch_reports: list[EpochReport] = []  # the last few transitions, newest last
         self._averager_opts = dict(averager_opts or {})
         self._matchmaking_time, self._allreduce_timeout = matchmaking_time, allreduce_timeout
         self._state_codec = state_averaging_compression
@@ -248,33 +217,11 @@ class Optimizer:
         copy.grad = torch.zeros_like(copy)
         return copy
 
-    def _run(self, make_coro: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Run ``await make_coro()`` in the DHT's event loop and wait for it."""
-        return self.dht.run_coroutine(lambda _dht, _node: make_coro(), return_future=True).result(timeout)
 
-    def _log(self, message: str, *args: Any) -> None:
-        logger.log(logging.INFO if self.verbose else logging.DEBUG, "%s: " + message, self.run_id, *args)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.opt.param_groups
-
-    @property
-    def local_progress(self) -> Any:
-        return self.tracker.local
-
-    @property
-    def global_progress(self) -> GlobalProgress:
-        return self.tracker.global_progress
-
-    @property
-    def global_epoch(self) -> int:
-        return self.tracker.global_epoch
-
-    @property
-    def last_averaging_ok(self) -> bool | None:
-        """Whether the last epoch transition averaged with others (None before the first)."""
-        return None if self.last_epoch_report is None else self.last_epoch_report.averaged
 
     # ------------------------------------------------------------------ the training step
 
@@ -430,20 +377,6 @@ class Optimizer:
         if not self.use_local_updates and self.average_state_every and self.local_epoch % self.average_state_every == 0:
             self._average_state_in_turn(epoch)
 
-    def _record(self, epoch: int, samples: int, expected: int, group_size: int, started: float) -> None:
-        averaged = group_size >= 2
-        if expected >= 2 and not averaged:
-            self.averaging_failures += 1
-            if not self._warned_alone:
-                logger.warning("%s: epoch %d: averaging with %d other peers failed; stepping with local gradients "
-                               "(counted in Optimizer.averaging_failures; logged once)", self.run_id, epoch, expected - 1)
-                self._warned_alone = True
-        self.epochs_averaged += averaged
-        report = EpochReport(epoch, samples, expected, group_size, averaged, time.monotonic() - started)
-        self.last_epoch_report = report
-        self.epoch_reports = (self.epoch_reports + [report])[-64:]
-        self._log("epoch %d done: %d samples here, averaged with %d of %d peers in %.3f s", epoch, samples,
-                  group_size, expected, report.seconds)
 
     def _advance_epoch(self, new_epoch: int) -> None:
         steps = new_epoch - self.local_epoch
@@ -460,17 +393,6 @@ class Optimizer:
             for t, g in zip(tensors, grads):
                 t.copy_(g)
 
-    def _averager_round(self, core: AveragerCore, weight: float, epoch: int, expected: int) -> StepResult | None:
-        """One averaging round of ``core`` among the peers at ``epoch`` (blocking; None if no group)."""
-        core.keys.prefix = f"{core.prefix}_e{epoch}"  # only peers at the same epoch meet
-        core.matchmaker.target_group_size = max(2, expected)
-        timeout = self.averaging_timeout
-        try:
-            return self._run(lambda: core.step(weight=weight, timeout=timeout, gather=epoch),
-                             None if timeout is None else timeout + 10.0)
-        except Exception as e:  # a failed round is a round without a group: the caller goes on alone
-            logger.debug("%s: averaging at epoch %d failed: %r", self.run_id, epoch, e)
-            return None
 
     def _average_grads(self, weight: float, epoch: int, expected: int) -> StepResult | None:
         return self._averager_round(self.grad_averager, 0.0 if self.auxiliary else weight, epoch, expected)
@@ -605,15 +527,6 @@ class Optimizer:
 
     # ------------------------------------------------------------------ state download
 
-    def _should_load_state(self) -> bool:
-        if self.auxiliary:
-            return False
-        if time.monotonic() < self._next_load_attempt:
-            return False  # the last download failed: train on meanwhile, try again later
-        first, self._checked_newcomer = not self._checked_newcomer, True
-        if first and self.global_epoch > self.local_epoch:
-            return True  # a newcomer to a swarm that has moved on: start from its state, not from scratch
-        return self.local_epoch < self.global_epoch - 1
 
     def _catch_up(self) -> None:
         """Download the swarm's state early in one of its epochs. A state that arrives just before the swarm's
@@ -646,37 +559,7 @@ class Optimizer:
         named += [(f"opt.{j}", t) for j, t in enumerate(opt_tensors)]
         return epoch, {"optimizer": opt_skeleton, "scheduler": sched_skeleton}, named
 
-    def load_state_from_peers(self, timeout: float | None = None, max_donors: int = 4, **kwargs: Any) -> bool:
-        """Download parameters, optimizer and scheduler state and the epoch from the most advanced donors.
 
-        Returns True if the state was replaced; False (logged) if no donor could provide it in time.
-        """
-        timeout = self.load_state_timeout if timeout is None else timeout
-        self._wait_pending_step()
-        node = self.dht.node
-        self.tracker.pause_throughput()
-        try:
-            got = self._run(lambda: download_state(node.endpoint, node, self.run_id, timeout=timeout,
-                                                   max_donors=max_donors, exclude=node.peer_id), timeout + 10.0)
-        except (StateUnavailable, TimeoutError, concurrent.futures.TimeoutError) as e:
-            return self._download_failed(f"could not load state from peers: {e}")
-        try:
-            self._install_state(got.epoch, got.meta, got.tensors)
-        except (StateMismatch, ValueError, TypeError, KeyError) as e:
-            return self._download_failed(f"refused the downloaded state: {e}")
-        self.state_downloads += 1
-        self.failed_downloads = 0
-        self.last_download = {"epoch": got.epoch, "donors": got.donors, "failed_donors": got.failed_donors}
-        self._log("loaded state of epoch %d from %d donors (%d failed)", got.epoch, len(got.donors), got.failed_donors)
-        return True
-
-    def _download_failed(self, why: str) -> bool:
-        """Log, and back off (doubling, up to a minute) before the next automatic attempt."""
-        self.failed_downloads += 1
-        backoff = min(60.0, 2.0 ** min(self.failed_downloads, 6))
-        self._next_load_attempt = time.monotonic() + backoff
-        logger.warning("%s: %s; training on, next attempt in %.0f s", self.run_id, why, backoff)
-        return False
 
     def _install_state(self, epoch: int, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         params = check_params(tensors, [p.detach() for p in self.main_params], "param")
@@ -744,12 +627,6 @@ class Optimizer:
 
         with contextlib.suppress(Exception):
             self._run(stop, self.shutdown_timeout + 5.0)
-
-    def __enter__(self) -> "Optimizer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
 
     def __repr__(self) -> str:
         return f"Optimizer(run_id={self.run_id!r}, epoch={self.local_epoch}, inner={type(self.opt).__name__})"
