@@ -32,6 +32,25 @@ Samples recorded into ``peer.metrics`` (from the event loop, so draining never r
 Each trainer also publishes its last loss under ``{run_id}_metrics`` in a subkey it owns
 (``owner_marker(public key)``: nobody can write in its name); the value is a :class:`TrainerMetricsRecord`,
 which readers (the ``monitor`` role) check with pydantic.
+
+``method`` chooses how the peers train together:
+
+* ``gradient_averaging`` (default): :class:`hivesim.Optimizer`, gradients accumulated until the swarm reaches
+  ``target_batch_size``, averaged, one step together;
+* ``local_updates``: :class:`hivesim.Optimizer` with ``use_local_updates=True`` (a step on every local batch,
+  parameters averaged every epoch);
+* ``diloco``: :class:`hivesim.DiLoCoOptimizer`: ``num_inner_steps`` local steps of the inner optimizer, then the
+  peers average their pseudo-gradients and take an outer step (SGD, ``outer_lr``, ``outer_momentum``, Nesterov
+  when the momentum is not 0); an epoch is an outer step;
+* ``diloco_streaming``: the same with ``num_fragments`` (default 4) fragments synced on a staggered schedule;
+* ``alone``: no collaboration at all (a plain torch optimizer; an "epoch" every ``target_batch_size`` samples),
+  the single-peer baseline.
+
+``max_samples`` stops a peer after that many of its own samples; ``eval_every_samples`` evaluates at an epoch
+change only once that many samples went by since the last evaluation; ``compression`` (``"float16"``...) goes to
+whatever the method averages (``grad_compression`` and ``state_averaging_compression``, or DiLoCo's ``compression``). Every ``epoch`` and ``eval`` sample also carries the running totals of this peer:
+``samples_total``, ``bytes_sent_total`` (its endpoint's, DHT included), ``compute_s`` (forward + backward +
+``step_delay``), ``wall_s`` (since its training started) and the ``method``.
 """
 
 from __future__ import annotations
@@ -55,6 +74,32 @@ from hivesim.roles import Role
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+METHODS = ("gradient_averaging", "local_updates", "diloco", "diloco_streaming", "alone")
+
+
+class LocalOptimizer:
+    """The ``alone`` method: a plain torch optimizer with the few attributes the trainer reads; its epoch
+    advances every ``target_batch_size`` samples, with nobody to average with."""
+
+    def __init__(self, optimizer: Any, target_batch_size: int, batch_size: int) -> None:
+        self.optimizer = optimizer
+        self.steps_per_epoch = max(1, target_batch_size // batch_size)
+        self.steps = 0
+        self.local_epoch = 0
+        self.state_downloads = 0
+        self.averaging_failures = 0
+        self.last_epoch_report = None
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.steps += 1
+        self.local_epoch = self.steps // self.steps_per_epoch
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def shutdown(self) -> None:
+        pass
 
 
 class TrainerMetricsRecord(BaseModel):
@@ -109,7 +154,10 @@ class TrainerRole(Role):
                  duration: float | None = None, model_seed: int = 0, shard: int | None = None, num_shards: int = 4,
                  data_seed: int | None = None, step_delay: float = 0.0, log_every: float = 0.5,
                  evaluate: bool = True, publish_every: float = 2.0, metrics_ttl: float = 30.0,
-                 stop_timeout: float = 4.0) -> None:
+                 stop_timeout: float = 4.0, method: str = "gradient_averaging", num_inner_steps: int = 50,
+                 outer_lr: float = 0.7, outer_momentum: float = 0.9, num_fragments: int | None = None,
+                 max_samples: int | None = None, eval_every_samples: int = 0, compression: str | None = None,
+                 threads: int | None = None) -> None:
         super().__init__(peer)
         if not isinstance(run_id, str) or not run_id or "." in run_id:
             raise ValueError(f"trainer: run_id must be a non-empty name without dots, got {run_id!r}")
@@ -126,6 +174,18 @@ class TrainerRole(Role):
             raise ValueError("trainer: step_delay must be >= 0; log_every and stop_timeout positive")
         if shard is not None and not 0 <= shard < num_shards:
             raise ValueError(f"trainer: shard must be in [0, {num_shards}), got {shard}")
+        if method not in METHODS:
+            raise ValueError(f"trainer: method must be one of {', '.join(METHODS)}, got {method!r}")
+        if not isinstance(num_inner_steps, int) or isinstance(num_inner_steps, bool) or num_inner_steps <= 0:
+            raise ValueError(f"trainer: num_inner_steps must be a positive integer, got {num_inner_steps!r}")
+        if not (isinstance(outer_lr, (int, float)) and outer_lr > 0) or not 0 <= outer_momentum < 1:
+            raise ValueError("trainer: outer_lr must be positive and outer_momentum in [0, 1)")
+        if num_fragments is not None and (not isinstance(num_fragments, int) or num_fragments < 1):
+            raise ValueError(f"trainer: num_fragments must be a positive integer, got {num_fragments!r}")
+        if max_samples is not None and max_samples <= 0 or eval_every_samples < 0:
+            raise ValueError("trainer: max_samples must be positive (or null) and eval_every_samples >= 0")
+        if threads is not None and threads < 1:
+            raise ValueError(f"trainer: threads must be positive, got {threads!r}")
         self.module = load_model_module(model)
         self.model_path = model
         self.run_id = run_id
@@ -151,6 +211,19 @@ class TrainerRole(Role):
         self.publish_every = publish_every
         self.metrics_ttl = metrics_ttl
         self.stop_timeout = stop_timeout
+        self.method = method
+        self.num_inner_steps = num_inner_steps
+        self.outer_lr = float(outer_lr)
+        self.outer_momentum = float(outer_momentum)
+        self.num_fragments = num_fragments if num_fragments is not None else (4 if method == "diloco_streaming" else 1)
+        self.max_samples = max_samples
+        self.eval_every_samples = eval_every_samples
+        self.compression = compression
+        self.threads = threads
+        self.compute_s = 0.0
+        self.bytes_sent_at_start = 0
+        self.train_started = time.monotonic()
+        self._samples_at_eval = 0
 
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -228,9 +301,28 @@ class TrainerRole(Role):
         from hivesim.optim import Optimizer
 
         factory = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[self.optimizer_name]
+        opts = dict(self.optimizer_opts)
+        if self.method == "alone":
+            return LocalOptimizer(factory(model.parameters(), lr=self.lr), self.target_batch_size, self.batch_size)
+        if self.method in ("diloco", "diloco_streaming"):
+            import hivesim
+
+            if self.compression is not None:
+                opts["compression"] = self.compression
+            outer = partial(torch.optim.SGD, lr=self.outer_lr, momentum=self.outer_momentum,
+                            nesterov=self.outer_momentum > 0)
+            return hivesim.DiLoCoOptimizer(dht=self.dht_view, run_id=self.run_id, params=model.parameters(),
+                                           inner_optimizer=partial(factory, lr=self.lr), outer_optimizer=outer,
+                                           num_inner_steps=self.num_inner_steps, batch_size_per_step=self.batch_size,
+                                           num_fragments=self.num_fragments, **opts)
+        if self.method == "local_updates":
+            opts["use_local_updates"] = True
+        if self.compression is not None:
+            opts.setdefault("grad_compression", self.compression)
+            opts.setdefault("state_averaging_compression", self.compression)
         return Optimizer(dht=self.dht_view, run_id=self.run_id, target_batch_size=self.target_batch_size,
                          batch_size_per_step=self.batch_size, optimizer=partial(factory, lr=self.lr),
-                         params=model.parameters(), **self.optimizer_opts)
+                         params=model.parameters(), **opts)
 
     def _train(self) -> None:
         try:
@@ -239,6 +331,7 @@ class TrainerRole(Role):
             if not self._should_stop():  # a failure while the peer dies is the death, not a bug
                 self.error = repr(e)
                 self._emit(self.peer.metrics.event, "trainer_failed", error=repr(e)[:300])
+                self._sample("trainer_done", self.epoch, reason=f"failed: {e!r}"[:300], steps=self.steps)
                 raise
             self.stopped_because = self.stopped_because or "peer stopped"
         finally:
@@ -252,6 +345,8 @@ class TrainerRole(Role):
         import torch
 
         module = self.module
+        if self.threads:
+            torch.set_num_threads(self.threads)
         model = self.model = module.make_model(self.model_seed)
         opt = self.optimizer = self._make_optimizer(model)
         data = module.batches(self.shard, self.batch_size, self.data_seed if self.data_seed is not None else self.shard,
@@ -259,7 +354,8 @@ class TrainerRole(Role):
         slowdown = float(getattr(self.peer, "slowdown", 1.0) or 1.0)
         endpoint_stats = self.peer.endpoint.stats
         bytes_at = (endpoint_stats["bytes_sent"], endpoint_stats["bytes_received"])
-        started = time.monotonic()
+        self.bytes_sent_at_start = endpoint_stats["bytes_sent"]
+        started = self.train_started = time.monotonic()
         self.epoch = opt.local_epoch
         window_losses: list[float] = []
         window_started, window_samples = time.monotonic(), 0
@@ -274,11 +370,16 @@ class TrainerRole(Role):
             if self.duration is not None and time.monotonic() - started >= self.duration:
                 self.stopped_because = "duration"
                 break
+            if self.max_samples is not None and self.samples >= self.max_samples:
+                self.stopped_because = "max_samples"
+                break
             batch = next(data)
+            compute_started = time.perf_counter()
             loss = module.loss(model, batch)
             loss.backward()
             if self.step_delay:
                 time.sleep(self.step_delay * slowdown)  # stands for a bigger model's compute
+            self.compute_s += time.perf_counter() - compute_started
             if self._should_stop():
                 self.stopped_because = "stopped"
                 break
@@ -298,10 +399,11 @@ class TrainerRole(Role):
             now = time.monotonic()
             if now - window_started >= self.log_every:
                 sps = window_samples / max(now - window_started, 1e-6)
+                progress = getattr(opt, "global_progress", None)
                 self._sample("train_loss", sum(window_losses) / len(window_losses), epoch=opt.local_epoch,
                              steps=len(window_losses), samples_per_second=round(sps, 1),
-                             global_samples_per_second=round(opt.global_progress.samples_per_second, 1),
-                             peers=opt.global_progress.num_peers)
+                             global_samples_per_second=round(getattr(progress, "samples_per_second", 0.0), 1),
+                             peers=getattr(progress, "num_peers", 1), **self._totals())
                 window_losses, window_started, window_samples = [], now, 0
 
             if opt.local_epoch != epoch_before:
@@ -316,19 +418,32 @@ class TrainerRole(Role):
                              samples=report.samples if fresh else 0,
                              seconds=round(report.seconds, 4) if fresh else 0.0,
                              bytes_sent=sent - bytes_at[0], bytes_received=received - bytes_at[1],
-                             state_downloads=opt.state_downloads, averaging_failures=opt.averaging_failures)
+                             state_downloads=opt.state_downloads,
+                             averaging_failures=getattr(opt, "averaging_failures", 0), **self._totals())
                 bytes_at = (sent, received)
-                self._evaluate_and_record(model, opt.local_epoch)
+                if self.samples - self._samples_at_eval >= self.eval_every_samples:
+                    self._evaluate_and_record(model, opt.local_epoch)
             self._maybe_publish(opt)
+        if self.evaluate and self._samples_at_eval != self.samples:  # where it ended, for the study's final loss
+            self._evaluate_and_record(model, opt.local_epoch)
         self._sample("trainer_done", opt.local_epoch, reason=self.stopped_because, steps=self.steps,
-                     state_downloads=opt.state_downloads, averaging_failures=opt.averaging_failures)
+                     state_downloads=opt.state_downloads, averaging_failures=getattr(opt, "averaging_failures", 0),
+                     **self._totals())
+
+    def _totals(self) -> dict[str, Any]:
+        """This peer's running totals, recorded with every epoch and evaluation."""
+        return {"samples_total": self.samples,
+                "bytes_sent_total": self.peer.endpoint.stats["bytes_sent"] - self.bytes_sent_at_start,
+                "compute_s": round(self.compute_s, 4), "wall_s": round(time.monotonic() - self.train_started, 4),
+                "method": self.method}
 
     def _evaluate_and_record(self, model: Any, epoch: int) -> None:
         if not self.evaluate:
             return
         result = self.module.evaluate(model)
         self.last_eval = result
-        self._sample("eval", result["loss"], accuracy=result.get("accuracy"), epoch=epoch)
+        self._samples_at_eval = self.samples
+        self._sample("eval", result["loss"], accuracy=result.get("accuracy"), epoch=epoch, **self._totals())
         self._last_publish = 0.0  # publish the new figures soon
 
     def _maybe_publish(self, opt: Any) -> None:
@@ -339,7 +454,8 @@ class TrainerRole(Role):
         record = TrainerMetricsRecord(epoch=opt.local_epoch, loss=min(max(self.last_loss, 0.0), 1e9),
                                       test_loss=None if self.last_eval is None else self.last_eval["loss"],
                                       test_accuracy=None if self.last_eval is None else self.last_eval.get("accuracy"),
-                                      sps=min(max(float(opt.local_progress.samples_per_second), 0.0), 1e9),
+                                      sps=min(max(float(getattr(getattr(opt, "local_progress", None),
+                                                                        "samples_per_second", 0.0)), 0.0), 1e9),
                                       time=get_dht_time())
         node = self.peer.dht
         self._emit(self._publish, node, record)

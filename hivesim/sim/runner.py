@@ -260,12 +260,29 @@ class Runner:
             if now >= next_collect:
                 await self._collect()
                 next_collect = now + self.topology.collect_every
+                if not pending and self._workload_finished():
+                    self.summary["finished_early_s"] = round(elapsed, 1)
+                    break
             alive = sum(s.alive for s in self.slots.values())
             self.progress.update(elapsed, alive, len(self.slots), self._headline())
             if elapsed >= self.topology.duration:
                 break
             wake = min(start + self.topology.duration, next_collect, start + pending[0].t if pending else math.inf)
             await asyncio.sleep(max(0.0, min(0.5, wake - time.monotonic())))
+
+    def _workload_finished(self) -> bool:
+        """The workload's optional ``finished(run, alive)`` (``alive``: the live peers that run it) says that
+        there is nothing left to measure: the run ends before ``duration`` (no scheduled event is left)."""
+        finished = getattr(self.workload, "finished", None)
+        if finished is None:
+            return False
+        groups = self.topology.workload.groups
+        alive = [n for n, s in self.slots.items() if s.alive and (groups is None or s.group in groups)]
+        try:
+            return bool(finished(self.data, alive))
+        except Exception as e:
+            logger.warning("the workload's finished() failed: %r", e)
+            return False
 
     async def _apply_all(self, events: list[Event], elapsed: float) -> None:
         """Apply the events due now: each peer's in order, different peers at once (so 64 peers joining
@@ -393,6 +410,7 @@ class Runner:
             "actors_at_end": len(actors),  # abruptly killed peers take their actor with them
             "duration_s": self.topology.duration,
             "wall_time_s": round(wall, 1),
+            "finished_early_s": self.summary.get("finished_early_s"),
             "interrupted": interrupted,
             "error": repr(error) if error else None,
             "events": {k: sum(1 for e in self.data.events if e.get("action") == k) for k in ("kill", "join", "partition", "heal")},
