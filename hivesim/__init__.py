@@ -32,7 +32,7 @@ _LAZY = {"SizeAdaptiveCompression": "hivesim.net.codecs"}
 _LAZY.update(dict.fromkeys(["ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts"],
                            "hivesim.moe"))
 _LAZY["DecentralizedAverager"] = "hivesim.averaging"
-_LAZY.update(dict.fromkeys(["Optimizer", "ProgressTracker", "GlobalProgress"], "hivesim.optim"))
+_LAZY.update(dict.fromkeys(["Optimizer", "DiLoCoOptimizer", "ProgressTracker", "GlobalProgress"], "hivesim.optim"))
 
 
 def __getattr__(name: str) -> object:
@@ -49,5 +49,5 @@ __all__ = [
     "BadMessage", "CallContext", "Endpoint", "Identity", "IdentityLinks", "PeerUnreachable", "RPCError",
     "RPCTimeout", "RemoteError", "ShapedLinks", "SizeAdaptiveCompression", "__version__",
     "ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts",
-    "DecentralizedAverager", "Optimizer", "ProgressTracker", "GlobalProgress",
+    "DecentralizedAverager", "Optimizer", "DiLoCoOptimizer", "ProgressTracker", "GlobalProgress",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from hivesim import DHT, Optimizer
+from hivesim import DHT, DiLoCoOptimizer, Optimizer
 
 BATCH = 8
 
@@ -67,6 +67,17 @@ class Swarm:
         self.trainers.append(trainer)
         return trainer
 
+    def diloco_trainer(self, *, model: torch.nn.Module | None = None, **opt_kwargs: Any) -> Trainer:
+        dht = self.dht()
+        model = model if model is not None else make_model()
+        trainer = Trainer(len(self.trainers), dht, model)
+        kwargs = dict(run_id="diloco_run", params=model.parameters(), num_inner_steps=5, batch_size_per_step=BATCH,
+                      inner_optimizer=partial(torch.optim.AdamW, lr=0.01), matchmaking_time=3.0, averaging_timeout=15.0)
+        kwargs.update(opt_kwargs)
+        trainer.opt = DiLoCoOptimizer(dht=dht, **kwargs)
+        self.trainers.append(trainer)
+        return trainer
+
     def run(self, trainer: Trainer, until: Callable[[Trainer], bool], *, step_time: float = 0.02,
             limit: float = 60.0) -> threading.Thread:
         """Train in a thread until ``until(trainer)`` (checked after every step) or ``limit`` seconds."""
@@ -77,7 +88,7 @@ class Swarm:
             deadline = time.monotonic() + limit
             try:
                 while not until(trainer) and not trainer.stop.is_set() and time.monotonic() < deadline:
-                    if trainer.opt.auxiliary:
+                    if getattr(trainer.opt, "auxiliary", False):
                         trainer.opt.step()
                         continue
                     i = (k * BATCH) % (len(x) - BATCH)

@@ -1,5 +1,6 @@
-"""Collaborative training: a hivemind-compatible ``Optimizer``, swarm progress, state for newcomers."""
+"""Collaborative training: a hivemind-compatible ``Optimizer``, DiLoCo, swarm progress, state for newcomers."""
 
+from hivesim.optim.diloco import DiLoCoOptimizer, fragment_indices
 from hivesim.optim.member import EpochReport, SwarmMember
 from hivesim.optim.optimizer import Optimizer
 from hivesim.optim.progress import GlobalProgress, LocalProgress, ProgressRecord, ProgressTracker
@@ -7,6 +8,6 @@ from hivesim.optim.state_sharing import DownloadedState, StateServer, StateUnava
 from hivesim.optim.training_state import StateMismatch
 
 __all__ = [
-    "DownloadedState", "EpochReport", "GlobalProgress", "LocalProgress", "Optimizer", "ProgressRecord",
+    "DiLoCoOptimizer", "fragment_indices", "DownloadedState", "EpochReport", "GlobalProgress", "LocalProgress", "Optimizer", "ProgressRecord",
     "ProgressTracker", "StateMismatch", "SwarmMember", "StateServer", "StateUnavailable", "download_state", "find_donors",
 ]

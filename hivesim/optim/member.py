@@ -25,6 +25,8 @@ from hivesim.optim.training_state import StateMismatch
 
 logger = logging.getLogger("hivesim.optim")
 
+CONFIRM_READ_AGE = 0.05  # seconds: a view of the swarm older than this is re-read before an epoch ends (once an epoch)
+
 
 @dataclass
 class EpochReport:
@@ -129,6 +131,25 @@ class SwarmMember:
         if first and self.global_epoch > self.local_epoch:
             return True  # a newcomer to a swarm that has moved on: start from its state, not from scratch
         return self.local_epoch < self.global_epoch - 1
+
+    def _plan_round(self, epoch: int, background: bool) -> tuple[int, bool]:
+        """``(expected peers, skip)`` for this peer's averaging round at ``epoch``, announced to the swarm first.
+
+        ``skip``: the others finished this epoch already, nobody to meet. A peer whose rounds run in the
+        background announces the next epoch as soon as it launches one, so with ``background`` the peers one
+        epoch ahead may still be in this round: they count, and only two epochs ahead means over.
+        """
+        ahead = 1 if background else 0
+        if self.global_epoch <= epoch + ahead:
+            self._run(self.tracker.announce_transition)
+        if self.tracker.staleness > CONFIRM_READ_AGE:
+            self._run(self.tracker.refresh)  # who else is at this round now, not at the last scheduled read
+        expected = self.tracker.peers_around(epoch) + (self.tracker.peers_at(epoch + 1) - 1 if ahead else 0)
+        if logger.isEnabledFor(logging.DEBUG):
+            self._log("round %d ends here: expecting %d peers (view %.2f s old: %s)", epoch, expected,
+                      self.tracker.staleness,
+                      sorted((r.epoch, r.samples, r.averaging) for r in self.tracker.global_progress.peers.values()))
+        return expected, self.global_epoch > epoch + ahead or expected < 2
 
     def _wait_pending_step(self) -> None:
         """Finish background work that changes the state (a subclass's delayed step) before replacing it."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,13 +28,12 @@ from typing import Any
 import torch
 
 from hivesim.averaging.averager import AveragerCore, StepResult
-from hivesim.optim.member import SwarmMember, logger
+from hivesim.optim.member import CONFIRM_READ_AGE, SwarmMember, logger
 from hivesim.optim.progress import ProgressTracker
 from hivesim.optim.state_sharing import StateServer
 from hivesim.optim.training_state import check_optimizer_state, check_params, from_skeleton, to_skeleton
 
 
-CONFIRM_READ_AGE = 0.05  # seconds: a view of the swarm older than this is re-read before an epoch ends (once an epoch)
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -338,19 +336,7 @@ class Optimizer(SwarmMember):
         started = time.monotonic()
         self.tracker.pause_throughput()
         epoch, samples = self.local_epoch, self.local_samples
-        if self.global_epoch <= epoch:
-            self._run(self.tracker.announce_transition)
-        expected = self.tracker.peers_around(epoch)
-        if logger.isEnabledFor(logging.DEBUG):
-            self._log("epoch %d ends here with %d samples: expecting %d peers (view %.2f s old: %s)", epoch, samples,
-                      expected, self.tracker.staleness,
-                      sorted((r.epoch, r.samples, r.averaging) for r in self.tracker.global_progress.peers.values()))
-        # the others finished this epoch already: nobody to meet. With delayed averaging a peer announces the
-        # next epoch as soon as it launches the round in the background, so peers one epoch ahead still count
-        ahead = 1 if self.delay_grad_averaging else 0
-        if ahead:
-            expected += self.tracker.peers_at(epoch + 1) - 1
-        swarm_moved_on = self.global_epoch > epoch + ahead
+        expected, swarm_moved_on = self._plan_round(epoch, background=self.delay_grad_averaging)
         if self.use_local_updates:
             result = self._average_state(weight=float(samples), epoch=epoch, expected=expected, skip=swarm_moved_on)
             averaged_with = result.group_size if result is not None else 0
@@ -363,7 +349,7 @@ class Optimizer(SwarmMember):
             averaged_with = -1  # known when the background round ends
         else:
             self._load_grad_averager(self._local_mean_grads())
-            result = None if swarm_moved_on or expected < 2 else self._average_grads(float(samples), epoch, expected)
+            result = None if swarm_moved_on else self._average_grads(float(samples), epoch, expected)
             averaged_with = result.group_size if result is not None else 0
             self._reset_accumulators()
             if self.delay_optimizer_step:
