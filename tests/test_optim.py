@@ -279,3 +279,34 @@ def test_memory_does_not_grow_over_50_epochs(swarm):
     assert peers[0].opt.local_epoch >= 50 and set(rss) == {10, 50}
     # 40 epochs: a leak of one model copy (plus Adam's two) per epoch would add ~120 MiB
     assert rss[50] - rss[10] < 30, rss
+
+
+def test_a_donor_whose_manifest_does_not_fit_is_passed_over_before_any_download(swarm):
+    from hivesim import owner_marker
+    from hivesim.dht.storage import get_dht_time
+
+    honest = swarm.trainer()
+    swarm.run(honest, lambda t: t.opt.local_epoch >= 1)
+    swarm.join_all()
+    liar = swarm.dht()
+    asked_for_parts = []
+
+    async def info(payload, ctx):  # claims a 4 GB parameter at a more advanced epoch than anyone
+        return {"epoch": 7, "meta": {"optimizer": None, "scheduler": None}, "names": ["param.0"],
+                "shapes": [[1 << 30]], "dtypes": ["float32"]}
+
+    async def part(payload, ctx):
+        asked_for_parts.append(payload)
+        raise ValueError("never reached")
+
+    async def serve(_dht, node):
+        node.endpoint.register("optim.test_run.state_info", info)
+        node.endpoint.register("optim.test_run.state_part", part)
+        await node.store("test_run_donors", {"addr": node.address, "epoch": 7}, get_dht_time() + 60,
+                         subkey=owner_marker(node.public_key))
+
+    liar.run_coroutine(serve)
+    newcomer = swarm.trainer()
+    assert newcomer.opt.load_state_from_peers(timeout=20)
+    assert newcomer.opt.local_epoch == 1 and newcomer.opt.last_download["donors"] == [honest.dht.peer_id]
+    assert not asked_for_parts  # refused from the manifest alone

@@ -31,7 +31,8 @@ from hivesim.averaging.averager import AveragerCore
 from hivesim.optim.member import SwarmMember
 from hivesim.optim.progress import ProgressTracker
 from hivesim.optim.state_sharing import StateServer
-from hivesim.optim.training_state import check_optimizer_state, check_params, from_skeleton, to_skeleton
+from hivesim.optim.training_state import (check_optimizer_state, check_params, from_skeleton, manifest_check,
+                                          to_skeleton)
 
 UNUSED_TARGET = 1 << 40  # the tracker's target: rounds are set by each peer's inner steps, not by a swarm target
 
@@ -255,6 +256,9 @@ class DiLoCoOptimizer(SwarmMember):
             skeleton = to_skeleton(self.outer_opt.state_dict(), opt_tensors)
         named += [(f"opt.{j}", t) for j, t in enumerate(opt_tensors)]
         return epoch, {"optimizer": skeleton, "inner_steps": self.inner_steps}, named
+
+    def _manifest_check(self) -> Any:
+        return manifest_check([p.detach() for p in self.synced])
 
     def _install_state(self, epoch: int, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         params = check_params(tensors, [p.detach() for p in self.synced], "param")

@@ -165,7 +165,8 @@ class SwarmMember:
         self.tracker.pause_throughput()
         try:
             got = self._run(lambda: download_state(node.endpoint, node, self.run_id, timeout=timeout,
-                                                   max_donors=max_donors, exclude=node.peer_id), timeout + 10.0)
+                                                   max_donors=max_donors, exclude=node.peer_id,
+                                                   expect=self._manifest_check()), timeout + 10.0)
         except (StateUnavailable, TimeoutError, concurrent.futures.TimeoutError) as e:
             return self._download_failed(f"could not load state from peers: {e}")
         try:
@@ -185,6 +186,10 @@ class SwarmMember:
         self._next_load_attempt = time.monotonic() + backoff
         logger.warning("%s: %s; training on, next attempt in %.0f s", self.run_id, why, backoff)
         return False
+
+    def _manifest_check(self) -> Callable[[list[str], list[tuple[int, ...]], list[torch.dtype]], None] | None:
+        """What a donor's manifest must look like before anything is downloaded (None: anything)."""
+        return None
 
     def _state_for_donation(self) -> tuple[int, dict[str, Any], list[tuple[str, torch.Tensor]]]:
         raise NotImplementedError

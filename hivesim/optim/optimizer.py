@@ -31,7 +31,8 @@ from hivesim.averaging.averager import AveragerCore, StepResult
 from hivesim.optim.member import CONFIRM_READ_AGE, SwarmMember, logger
 from hivesim.optim.progress import ProgressTracker
 from hivesim.optim.state_sharing import StateServer
-from hivesim.optim.training_state import check_optimizer_state, check_params, from_skeleton, to_skeleton
+from hivesim.optim.training_state import (check_optimizer_state, check_params, from_skeleton, manifest_check,
+                                          to_skeleton)
 
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
@@ -546,6 +547,9 @@ class Optimizer(SwarmMember):
         return epoch, {"optimizer": opt_skeleton, "scheduler": sched_skeleton}, named
 
 
+
+    def _manifest_check(self) -> Any:
+        return manifest_check([p.detach() for p in self.main_params], self.extra_tensors)
 
     def _install_state(self, epoch: int, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         params = check_params(tensors, [p.detach() for p in self.main_params], "param")

@@ -270,8 +270,13 @@ def _decode_tensor(wire: Any, shape: tuple[int, ...], dtype: torch.dtype) -> tor
 
 async def download_state(endpoint: Endpoint, dht: DHTNode, run_id: str, *, timeout: float = 600.0,
                          max_donors: int = 4, min_epoch: int = 0, request_timeout: float = 60.0,
-                         exclude: bytes | None = None) -> DownloadedState:
+                         exclude: bytes | None = None, expect: Callable[[list[str], list[tuple[int, ...]],
+                                                                         list[torch.dtype]], None] | None = None
+                         ) -> DownloadedState:
     """Download the most advanced state from up to ``max_donors`` donors in parallel.
+
+    ``expect(names, shapes, dtypes)`` may refuse a manifest (raise ValueError) before anything is downloaded:
+    a donor whose state cannot fit this peer's model is passed over, however big it says its tensors are.
 
     Raises:
         StateUnavailable: no donor at ``min_epoch`` or later answered, or the download did not finish
@@ -284,6 +289,7 @@ async def download_state(endpoint: Endpoint, dht: DHTNode, run_id: str, *, timeo
     info_method, part_method = f"optim.{run_id}.state_info", f"optim.{run_id}.state_part"
     manifest = None
     tried = 0
+    passed_over: set[Donor] = set()
     for donor in donors:  # the most advanced donor that answers sets the epoch
         left = deadline - time.monotonic()
         if left <= 0:
@@ -291,16 +297,20 @@ async def download_state(endpoint: Endpoint, dht: DHTNode, run_id: str, *, timeo
         tried += 1
         try:
             manifest = _parse_manifest(await endpoint.call(donor.address, info_method, None, timeout=min(left, request_timeout)))
+            if expect is not None:
+                expect(*manifest[2:])
             answered = donor
             break
         except (RPCError, ValueError) as e:
-            logger.info("donor %s gave no manifest: %s", donor.peer_id.hex()[:8], e)
+            passed_over.add(donor)
+            logger.info("donor %s gave no usable manifest: %s", donor.peer_id.hex()[:8], e)
     if manifest is None:
         raise StateUnavailable(f"none of {tried} donors answered with a state manifest")
     epoch, meta, names, shapes, dtypes = manifest
     # the donor that answered, and others that declared this epoch or the one before (a donor's declaration
     # may lag its training by a moment; one that has moved on keeps the last epoch's snapshot for a while)
-    pool = [answered] + [d for d in donors if d is not answered and d.epoch >= epoch - 1][: max_donors - 1]
+    pool = [answered] + [d for d in donors if d is not answered and d not in passed_over
+                         and epoch - 1 <= d.epoch <= epoch][: max_donors - 1]
     pending = list(range(len(names)))
     results: dict[int, torch.Tensor] = {}
     attempts = dict.fromkeys(pending, 0)

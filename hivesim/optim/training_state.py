@@ -9,7 +9,8 @@ scalar), the same number of parameter groups, finite values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -98,3 +99,31 @@ def check_optimizer_state(state_dict: Any, optimizer: torch.optim.Optimizer) -> 
                 raise StateMismatch(f"optimizer state {name!r} of parameter {index}: shape {list(value.shape)}, "
                                     f"parameter {list(shapes[index])}")
     return state_dict
+
+
+def manifest_check(params: Sequence[torch.Tensor], extra: Sequence[torch.Tensor] = (), max_state_factor: int = 4
+                   ) -> Callable[[list[str], list[tuple[int, ...]], list[torch.dtype]], None]:
+    """A check of a donor's manifest before the download: its ``param.<i>`` / ``extra.<i>`` are exactly these
+    tensors' shapes and dtypes, and its optimizer state (``opt.<j>``) holds at most ``max_state_factor`` times
+    the parameters' size (Adam keeps two copies), so a lying donor cannot make this peer download gigabytes."""
+    want = {f"param.{i}": (tuple(p.shape), p.dtype) for i, p in enumerate(params)}
+    want.update({f"extra.{i}": (tuple(t.shape), t.dtype) for i, t in enumerate(extra)})
+    budget = max_state_factor * sum(p.numel() * p.element_size() for p in params) + (1 << 20)
+
+    def check(names: list[str], shapes: list[tuple[int, ...]], dtypes: list[torch.dtype]) -> None:
+        got = {}
+        other = 0
+        for name, shape, dtype in zip(names, shapes, dtypes):
+            if name in want:
+                got[name] = (tuple(shape), dtype)
+            elif name.startswith("opt."):
+                other += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            else:
+                raise StateMismatch(f"the donor's state names {name!r}, which this peer does not have")
+        if got != want:
+            wrong = sorted(n for n in want if got.get(n) != want[n])
+            raise StateMismatch(f"the donor's tensors do not fit this model: {', '.join(wrong[:4])}")
+        if other > budget:
+            raise StateMismatch(f"the donor's optimizer state is {other} bytes, over the {budget} this model allows")
+
+    return check
