@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     index_path = out / "study.json"
     study = json.loads(index_path.read_text()) if index_path.exists() and args.only else {"runs": []}
-    study.update(config=cfg, command="python -m experiments.collab_study --out " + str(args.out) + (" --short" if args.short else ""))
+    study.update(config=cfg, command="python -m experiments.collab_study --out " + str(args.out) + (" --short" if args.short else "")
+                 + ("" if not args.only else " --only " + " ".join(f"'{x}'" if " " in x else x for x in args.only)))
     entries = [e for e in plan(cfg) if not args.only or e["label"] in args.only]
     done_dirs: dict[tuple[str, tuple[str, ...]], Path] = {}
     for entry in entries:
