@@ -149,7 +149,9 @@ class SwarmMember:
             self._log("round %d ends here: expecting %d peers (view %.2f s old: %s)", epoch, expected,
                       self.tracker.staleness,
                       sorted((r.epoch, r.samples, r.averaging) for r in self.tracker.global_progress.peers.values()))
-        return expected, self.global_epoch > epoch + ahead or expected < 2
+        # (with rounds in the background peers enter epochs a round apart: an early announcement proves nothing)
+        late = not background and self.tracker.started_without_me(epoch)
+        return expected, self.global_epoch > epoch + ahead or expected < 2 or late
 
     def _wait_pending_step(self) -> None:
         """Finish background work that changes the state (a subclass's delayed step) before replacing it."""

@@ -157,7 +157,8 @@ class ProgressTracker:
         self._published: tuple[int, int] | None = None
         self._published_at = 0.0
         self._published_sps = 0.0
-        self._epoch_started: float | None = None
+        self.epoch_started: float | None = None  # DHT time this peer entered its current epoch
+        self.jumped_in = False  # ...by more than one epoch (a state download), not by a transition with the others
         self.epoch_seconds: float | None = None  # how long this peer's last epoch took
         self._fetch_now = True
         self.reads = 0
@@ -199,8 +200,9 @@ class ProgressTracker:
         changed_epoch = epoch != self.local.epoch
         if changed_epoch:
             self.local.averaging = False
-            self.epoch_seconds = now - self._epoch_started if self._epoch_started is not None else None
-            self._epoch_started = now
+            one_epoch = self.epoch_started is not None and epoch == self.local.epoch + 1  # (not a download's jump)
+            self.epoch_seconds = now - self.epoch_started if one_epoch else self.epoch_seconds
+            self.epoch_started, self.jumped_in = now, not one_epoch
         self.local.samples_per_second = self.throughput.add(new_samples, now) if new_samples else self.local.samples_per_second
         self.local.epoch, self.local.samples, self.local.time = int(epoch), int(samples), now
         if changed_epoch:
@@ -276,6 +278,17 @@ class ProgressTracker:
         if progress.epoch > self.local.epoch or self.estimated_samples() >= self.target_batch_size:
             return True
         return any(r.averaging and r.epoch == self.local.epoch for pid, r in progress.peers.items() if pid != self.dht.peer_id)
+
+    def started_without_me(self, epoch: int) -> bool:
+        """This peer jumped into ``epoch`` (a state download) after every other peer there had announced its
+        averaging: their group formed without it, and waiting for it would be futile. (A peer that entered by a
+        transition may see announcements older than its entry with one-step epochs; it is counted on.)"""
+        if not self.jumped_in:
+            return False
+        me = self.dht.peer_id
+        others = [r for pid, r in self.global_progress.peers.items() if pid != me and r.epoch == epoch]
+        started = self.epoch_started
+        return bool(others) and started is not None and all(r.averaging and r.time < started for r in others)
 
     def peers_around(self, epoch: int) -> int:
         """Peers to expect in ``epoch``'s averaging: those at it, and those whose last record says the epoch
