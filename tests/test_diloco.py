@@ -111,14 +111,16 @@ def test_killed_peer_mid_round_and_a_newcomer_that_catches_up(swarm):
     swarm.run(newcomer, lambda t: t.opt.state_downloads >= 1, limit=30)
     swarm.join_all()
     assert newcomer.opt.local_epoch == 2
-    for mine, theirs in zip(newcomer.opt.synced, survivors[0].opt.synced):
-        assert torch.equal(mine, theirs)
-    ref = survivors[0].opt.outer_opt.state_dict()["state"]
+    # (the victim died holding a part of round 0: each survivor kept its own values there, so the two donors'
+    # states may differ; every tensor the newcomer got is one donor's, shares may come from both)
+    for i, mine in enumerate(newcomer.opt.synced):
+        assert any(torch.equal(mine, s.opt.synced[i]) for s in survivors), i
     got = newcomer.opt.outer_opt.state_dict()["state"]
-    for index, entries in ref.items():
+    refs = [s.opt.outer_opt.state_dict()["state"] for s in survivors]
+    for index, entries in refs[0].items():
         for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(got[index][name], value), name  # the outer momentum came along
+            if isinstance(value, torch.Tensor):  # the outer momentum came along
+                assert any(torch.equal(got[index][name], ref[index][name]) for ref in refs), name
 
 
 def test_compressed_pseudo_gradients_stay_close(swarm):

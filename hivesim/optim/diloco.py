@@ -181,6 +181,15 @@ class DiLoCoOptimizer(SwarmMember):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner_opt.zero_grad(set_to_none=set_to_none)
 
+    def _should_load_state(self) -> bool:
+        """More than one outer step (k rounds) behind the swarm, or a newcomer to a swarm that moved on by
+        more than that: with streaming, peers a few rounds apart are normal (rounds are H/k steps long)."""
+        if time.monotonic() < self._next_load_attempt:
+            return False
+        first, self._checked_newcomer = not self._checked_newcomer, True
+        behind = self.global_epoch - self.local_epoch
+        return behind > self.num_fragments or (first and behind > self.num_fragments - 1 and behind > 0)
+
     def _fragment(self, round_index: int) -> int:
         return round_index % self.num_fragments
 
