@@ -73,9 +73,11 @@ def method_data(samples: list[dict[str, Any]], group: str | None) -> dict[str, A
             groups[key].append((s["t"] - t0, s["value"], sum(latest_samples.values()),
                                 sum(latest_bytes.values()) / max(1, len(latest_bytes))))
     curve = []
-    for points in groups.values():
+    for key, points in groups.items():
+        start = key == "start"  # every peer's eval before its first step: the common starting point
         curve.append({"wall_s": max(p[0] for p in points), "loss": sum(p[1] for p in points) / len(points),
-                      "samples": max(p[2] for p in points), "bytes_per_peer": max(p[3] for p in points)})
+                      "samples": 0 if start else max(p[2] for p in points),
+                      "bytes_per_peer": 0.0 if start else max(p[3] for p in points)})
     curve.sort(key=lambda p: (p["samples"], p["wall_s"]))
     by_peer: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in mine:
