@@ -18,7 +18,6 @@ misses a round trains on and joins the next, and one more than a round behind do
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -289,26 +288,11 @@ class DiLoCoOptimizer(SwarmMember):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def shutdown(self) -> None:
-        """Finish a streaming round in flight (within ``shutdown_timeout``), withdraw, stop serving."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._pending is not None:
-            with contextlib.suppress(Exception):
-                self._pending[0].result(self.shutdown_timeout)
-        self._background.shutdown(wait=False, cancel_futures=True)
-        if not self.dht.is_alive:
-            return
+    def _background_work(self) -> list[concurrent.futures.Future]:
+        return [self._pending[0]] if self._pending is not None else []
 
-        async def stop() -> None:
-            await self.state_server.close()
-            await self.tracker.close()
-            for core in self.averagers:
-                await core.close()
-
-        with contextlib.suppress(Exception):
-            self._run(stop, self.shutdown_timeout + 5.0)
+    def _averager_cores(self) -> list[AveragerCore]:
+        return list(self.averagers)
 
     def __repr__(self) -> str:
         return (f"DiLoCoOptimizer(run_id={self.run_id!r}, round={self.local_epoch}, H={self.num_inner_steps}, "

@@ -10,6 +10,7 @@ is (:meth:`SwarmMember._state_for_donation` / :meth:`SwarmMember._install_state`
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -45,6 +46,9 @@ class SwarmMember:
 
     dht: Any
     run_id: str
+    shutdown_timeout: float
+    _background: concurrent.futures.ThreadPoolExecutor
+    _closed: bool
     tracker: ProgressTracker
     state_server: StateServer
     local_epoch: int
@@ -199,8 +203,36 @@ class SwarmMember:
     def _install_state(self, epoch: int, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def _background_work(self) -> list[concurrent.futures.Future]:
+        """Background rounds or steps still running (finished within ``shutdown_timeout`` at shutdown)."""
+        return []
+
+    def _averager_cores(self) -> list[AveragerCore]:
+        return []
+
+    def shutdown(self) -> None:
+        """Finish background work (within ``shutdown_timeout``), withdraw from the swarm, stop serving."""
+        if self._closed:
+            return
+        self._closed = True
+        for pending in self._background_work():
+            with contextlib.suppress(Exception):
+                pending.result(self.shutdown_timeout)
+        self._background.shutdown(wait=False, cancel_futures=True)
+        if not self.dht.is_alive:
+            return
+
+        async def stop() -> None:
+            await self.state_server.close()
+            await self.tracker.close()
+            for core in self._averager_cores():
+                await core.close()
+
+        with contextlib.suppress(Exception):
+            self._run(stop, self.shutdown_timeout + 5.0)
+
     def __enter__(self) -> Any:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.shutdown()  # type: ignore[attr-defined]
+        self.shutdown()

@@ -19,7 +19,6 @@ loop calls the blocking methods from its own thread; torch compute never runs in
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -595,28 +594,11 @@ class Optimizer(SwarmMember):
             self.local_epoch = int(epoch)
             self.tracker.report_local_progress(self.local_epoch, self.local_samples)
 
-    def shutdown(self) -> None:
-        """Finish background work (within ``shutdown_timeout``), withdraw from the swarm, stop serving."""
-        if self._closed:
-            return
-        self._closed = True
-        for pending in (self._pending_step, self._pending_state[0] if self._pending_state else None):
-            if pending is not None:
-                with contextlib.suppress(Exception):
-                    pending.result(self.shutdown_timeout)
-        self._background.shutdown(wait=False, cancel_futures=True)
-        if not self.dht.is_alive:
-            return
+    def _background_work(self) -> list[concurrent.futures.Future]:
+        return [f for f in (self._pending_step, self._pending_state[0] if self._pending_state else None) if f is not None]
 
-        async def stop() -> None:
-            await self.state_server.close()
-            await self.tracker.close()
-            await self.grad_averager.close()
-            if self._state_core is not None:
-                await self._state_core.close()
-
-        with contextlib.suppress(Exception):
-            self._run(stop, self.shutdown_timeout + 5.0)
+    def _averager_cores(self) -> list[AveragerCore]:
+        return [self.grad_averager] + ([self._state_core] if self._state_core is not None else [])
 
     def __repr__(self) -> str:
         return f"Optimizer(run_id={self.run_id!r}, epoch={self.local_epoch}, inner={type(self.opt).__name__})"
