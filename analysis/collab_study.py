@@ -194,7 +194,8 @@ def make_study(study_dir: str | Path) -> list[Path]:
         to_target = first_reaching(r["curve"], target, "bytes_per_peer") if target is not None else None
         ref = reference.get(r["setup"]) or reference.get(next(iter(reference), None))
         ref_bytes = first_reaching(ref["curve"], target, "bytes_per_peer") if ref and target is not None else None
-        ratio = f"{ref_bytes / to_target:.1f}x less" if to_target and ref_bytes and r is not ref else "—"
+        collaborative = r.get("method") != "alone"  # a lone peer sends nothing: no ratio to speak of
+        ratio = f"{ref_bytes / to_target:.1f}x less" if to_target and ref_bytes and r is not ref and collaborative else "—"
         share = r["all_averaged_share"]
         lines.append(f"| {r['label']}{' (hivemind)' if r.get('lib') == 'hivemind' else ''} | {r['setup']} | {r['trainers']} | "
                      f"{_fmt(r['final_loss'])} | {r['samples']:,} | {_fmt(r['wall_s'], '.0f')} | "
