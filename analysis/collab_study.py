@@ -4,8 +4,8 @@
 
 Reads only results folders: ``DIR/study.json`` lists the runs (label, method, setup, results folder, peer group)
 and each folder's ``samples.jsonl`` holds the trainers' ``eval`` samples (held-out loss with the peer's running
-``samples_total``, ``bytes_sent_total``, ``compute_s``, ``wall_s``), ``epoch`` samples (averaging outcome) and
-``trainer_done``. ``make_figures(run_dir)`` is the per-run figure ``hivesim run`` makes (held-out loss per peer).
+``samples_total``, ``bytes_sent_total``, ``compute_s``, ``wall_s``), ``round`` samples (each averaging round's
+outcome) and ``trainer_done``. ``make_figures(run_dir)`` is the per-run figure ``hivesim run`` makes (held-out loss per peer).
 
 A method's curve: its trainers' evaluations grouped by epoch (every peer of a swarm holds the same parameters
 right after an epoch, or an outer step); a point is the mean held-out loss of the group, at the latest of its
@@ -15,8 +15,8 @@ far (the mean over the trainers seen so far of their endpoint's count, DHT traff
 Table: final held-out loss (mean over the trainers that finished), samples, wall time (start of training to the
 last trainer done), bytes sent per peer in all and until the curve first reached the target loss, compute
 utilisation (forward/backward seconds over wall seconds, summed over trainers: on the 2-core VM the peers share
-the cores, so a peer's compute time includes waiting for a core), and the share of epochs in which every peer
-that made the transition averaged, in one group of all of them.
+the cores, so a peer's compute time includes waiting for a core), and the share of averaging rounds in which
+every peer that ran the round averaged, in one group of all of them.
 """
 
 from __future__ import annotations
@@ -88,9 +88,14 @@ def method_data(samples: list[dict[str, Any]], group: str | None) -> dict[str, A
     compute = sum(s.get("compute_s", 0.0) for s in last.values())
     wall = sum(s.get("wall_s", 0.0) for s in last.values())
     transitions: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for s in mine:
-        if s["name"] == "epoch" and not s.get("downloaded"):
+    rounds = [s for s in mine if s["name"] == "round"]
+    if rounds:  # one sample per finished round, background rounds included
+        for s in rounds:
             transitions[s["value"]].append(s)
+    else:  # results written before trainers recorded rounds: the transition's report
+        for s in mine:
+            if s["name"] == "epoch" and not s.get("downloaded"):
+                transitions[s["value"]].append(s)
     all_averaged = [all(t.get("averaged") for t in ts) and min(t.get("group_size", 0) for t in ts) >= len(ts)
                     for ts in transitions.values()]
     failed = [s.get("reason") for ss in done.values() for s in ss if str(s.get("reason", "")).startswith(("failed", "error"))]
@@ -185,7 +190,7 @@ def make_study(study_dir: str | Path) -> list[Path]:
     lines = [f"# Collaborative-training study", "", f"Command: `{study.get('command', '')}`", "",
              f"Target loss: {target} (the worst final loss of the collaborative hivesim methods, so that each reaches it).",
              "", "| run | setup | trainers | final loss | samples | wall (s) | bytes/peer | bytes/peer to target | "
-             "vs gradient averaging | compute utilisation | epochs all averaged |",
+             "vs gradient averaging | compute utilisation | rounds all averaged |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if not r["trainers"]:

@@ -8,7 +8,6 @@ hold equal records always agree on the bytes that were signed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,14 @@ PEER_ID_BYTES = 20  # 160 bits: a Kademlia id
 
 
 def peer_id_from_public_key(public_key: bytes) -> bytes:
-    """The 160-bit id of the peer holding ``public_key`` (raw 32-byte Ed25519)."""
-    return hashlib.sha256(public_key).digest()[:PEER_ID_BYTES]
+    """The 160-bit id of the peer holding ``public_key`` (raw 32-byte Ed25519).
+
+    It is a hash of the key's Curve form, the key the peer's transport authenticates with
+    (:mod:`hivesim.net.secure`), so an id seen on a connection and an id named in a signed record agree.
+    """
+    from hivesim.net.secure import curve_public_key, peer_id_from_curve_key
+
+    return peer_id_from_curve_key(curve_public_key(bytes(public_key)))
 
 
 class Identity:

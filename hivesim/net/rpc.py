@@ -69,6 +69,9 @@ class CallContext:
     method: str
     deadline: float  # time.monotonic() after which the caller stops waiting
     src: str = ""  # the caller's link tag in a simulation, "" in deployment
+    # the caller's peer id as its encrypted connection proved it; None on an endpoint without encryption,
+    # where nothing about the caller is proven
+    peer_id: bytes | None = None
 
     @property
     def time_left(self) -> float:

@@ -26,6 +26,9 @@ Samples recorded into ``peer.metrics`` (from the event loop, so draining never r
   ``expected_peers``, ``samples`` (this peer's in the finished epoch), ``seconds`` (the transition),
   ``bytes_sent`` / ``bytes_received`` (the endpoint's traffic since the previous change), ``downloaded``
   (the epoch came from a state download), ``state_downloads``, ``averaging_failures``;
+* ``round`` for every averaging round the optimizer finished (value: the epoch it belongs to): ``averaged``,
+  ``group_size``, ``expected_peers``, ``samples``, ``seconds``. Background rounds (streaming DiLoCo's fragments,
+  delayed updates) finish after their epoch's transition, so this, not ``epoch``, is the per-round record;
 * ``eval`` at every change of the epoch (value: held-out loss): ``accuracy``, ``epoch``;
 * ``trainer_done`` once (value: the final epoch): why it stopped, ``state_downloads``, ``averaging_failures``.
 
@@ -354,6 +357,7 @@ class TrainerRole(Role):
         slowdown = float(getattr(self.peer, "slowdown", 1.0) or 1.0)
         endpoint_stats = self.peer.endpoint.stats
         bytes_at = (endpoint_stats["bytes_sent"], endpoint_stats["bytes_received"])
+        seen_reports: set[int] = set()
         self.bytes_sent_at_start = endpoint_stats["bytes_sent"]
         started = self.train_started = time.monotonic()
         self.epoch = opt.local_epoch
@@ -387,6 +391,7 @@ class TrainerRole(Role):
             report_before = opt.last_epoch_report
             opt.step()
             opt.zero_grad()
+            seen_reports = self._record_rounds(opt, seen_reports)
             value = float(loss.detach())
             if not torch.isfinite(torch.tensor(value)):
                 raise FloatingPointError(f"the training loss is {value}")
@@ -429,6 +434,17 @@ class TrainerRole(Role):
         self._sample("trainer_done", opt.local_epoch, reason=self.stopped_because, steps=self.steps,
                      state_downloads=opt.state_downloads, averaging_failures=getattr(opt, "averaging_failures", 0),
                      **self._totals())
+
+    def _record_rounds(self, opt: Any, seen: set[int]) -> set[int]:
+        """A ``round`` sample for each averaging report that appeared since the last call (by identity: a
+        background round's report lands whenever that round ends)."""
+        reports = list(getattr(opt, "epoch_reports", ()))
+        for report in reports:
+            if id(report) not in seen:
+                self._sample("round", report.epoch, averaged=bool(report.averaged), group_size=report.group_size,
+                             expected_peers=report.expected_peers, samples=report.samples,
+                             seconds=round(report.seconds, 4))
+        return {id(r) for r in reports}
 
     def _totals(self) -> dict[str, Any]:
         """This peer's running totals, recorded with every epoch and evaluation."""
