@@ -120,3 +120,23 @@ def test_rates_parse_units():
     assert parse_rate(5e6) == 5e6 and parse_rate(None) is None
     with pytest.raises(ValueError):
         parse_rate("-3MB/s")
+
+
+def test_a_scheduled_kill_without_rejoin_is_for_good(tmp_path):
+    """Issue 16: a peer killed by a scheduled kill (no rejoin_after) came back through its lifetime
+    schedule's own rejoin. Every later lifetime event of that peer is cancelled; the others keep theirs."""
+    text = GOOD.replace("{distribution: weibull, shape: 1.5, scale: 30}", "{distribution: exponential, mean: 4}")
+    text = text.replace("rejoin_after: 3", "rejoin_after: 0.5")
+    text = text.replace("kills: [{at: 20, fraction: 0.5, group: a}]",
+                        "kills: [{at: 20, peers: [a.0, a.1, a.2, a.3, a.4, a.5]}, {at: 25, fraction: 0.5, group: b}]")
+    topology, _ = load_topology(write(tmp_path, text))
+    events = build_schedule(topology)
+    for peer in [f"a.{i}" for i in range(6)]:
+        assert not [e for e in events if e.peer == peer and e.t > 20], peer  # gone for good
+    victims = {e.peer for e in events if e.cause == "scheduled" and e.t == 25}
+    assert victims
+    for peer in victims:
+        assert not [e for e in events if e.peer == peer and e.t > 25], peer
+    # peers nobody killed for good still churn after the kills (mean lifetime 4 s, 60 s run)
+    survivors = {f"b.{i}" for i in range(4)} - victims
+    assert any(e.peer in survivors and e.t > 25 for e in events)

@@ -1,12 +1,14 @@
 """The run's schedule of churn and faults, derived from the seed alone: same seed, same events.
 
 Lifetimes are drawn per peer (exponential or Weibull); a dead peer comes back after ``rejoin_after``
-(if set). Scheduled kills pick their victims among the peers alive at that moment. The merged list
+(if set). Scheduled kills pick their victims among the peers alive at that moment and override their
+lifetime schedule: a scheduled kill without ``rejoin_after`` is for good. The merged list
 is then replayed once in time order so that no event kills a dead peer or revives a live one.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -88,7 +90,13 @@ def build_schedule(topology: Topology) -> list[Event]:
             else:
                 pool = sorted(p for p in alive if kill.group is None or p.startswith(f"{kill.group}."))
                 victims = sorted(rng.sample(pool, min(len(pool), round(kill.fraction * len(pool)))))  # type: ignore[operator]
-            rejoin = kill.rejoin_after if kill.rejoin_after is not None else None
+            rejoin = kill.rejoin_after
+            # A scheduled kill overrides the victims' lifetime schedule: without a rejoin they are gone for
+            # good (a named peer that is down at that moment too), with one they are back at kill.at + rejoin
+            # and not before; the lifetime events after that rejoin stay.
+            silenced = set(victims) | (set(kill.peers) if kill.peers is not None and rejoin is None else set())
+            until = math.inf if rejoin is None else kill.at + rejoin
+            pending = [e for e in pending if not (e.peer in silenced and kill.at <= e.t < until)] if silenced else pending
             for victim in victims:
                 pending.append(Event(kill.at, "kill", victim, kill.mode or churn.mode, cause="scheduled"))
                 if rejoin is not None and kill.at + rejoin < duration:
