@@ -69,11 +69,38 @@ class _SharedLoop:
 _shared_loop = _SharedLoop()
 
 
+def normalize_initial_peers(initial_peers: str | Iterable[str] | None) -> list[str]:
+    """``"tcp://..."`` or a list of them -> a list of addresses; a clear error for anything else.
+
+    hivemind scripts pass one address as often as a list: a bare string used to be iterated character by
+    character ("none of the initial peers answered: t, c, p, :, /"). Only the type and shape are checked
+    here; whether an address answers is the bootstrap's business."""
+    if initial_peers is None:
+        return []
+    if isinstance(initial_peers, str):
+        initial_peers = [initial_peers]
+    elif isinstance(initial_peers, (bytes, bytearray, memoryview)) or not isinstance(initial_peers, Iterable):
+        raise TypeError(f"initial_peers must be an address or a list of addresses, got {initial_peers!r} "
+                        f"({type(initial_peers).__name__})")
+    out = []
+    for i, address in enumerate(initial_peers):
+        if not isinstance(address, str):
+            raise TypeError(f"initial_peers[{i}] is {address!r} ({type(address).__name__}); "
+                            "an address is a string such as dht.get_visible_addresses()[0]")
+        if not address:
+            raise ValueError(f"initial_peers[{i}] is an empty string")
+        if address != address.strip() or any(c.isspace() for c in address):
+            raise ValueError(f"initial_peers[{i}] is {address!r}: an address has no whitespace")
+        out.append(address)
+    return out
+
+
 class DHT:
     """A DHT peer usable from ordinary (non-async) code.
 
     Args:
-        initial_peers: addresses of running peers (what their :meth:`get_visible_addresses` returned).
+        initial_peers: addresses of running peers (what their :meth:`get_visible_addresses` returned), or one
+            address as a string.
         host, port: where to listen (``port=0`` picks a free port).
         start: start right away; otherwise call :meth:`run_in_background`.
         client_mode: only make requests (a peer behind NAT); others never route to it.
@@ -83,7 +110,7 @@ class DHT:
 
     def __init__(
         self,
-        initial_peers: Sequence[str] = (),
+        initial_peers: str | Sequence[str] = (),
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -93,7 +120,7 @@ class DHT:
         startup_timeout: float = 60.0,
         **node_kwargs: Any,
     ) -> None:
-        self.initial_peers = list(initial_peers)
+        self.initial_peers = normalize_initial_peers(initial_peers)
         self._kwargs = dict(host=host, port=port, client_mode=client_mode, record_validators=list(record_validators), **node_kwargs)
         self.startup_timeout = startup_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -151,7 +178,7 @@ class DHT:
         return [self.node.address]
 
     def get_visible_maddrs(self) -> list[str]:
-        """hivemind's name for :meth:`get_visible_addresses` (hivesim addresses are ``tcp://host:port``)."""
+        """hivemind's name for :meth:`get_visible_addresses` (hivesim addresses are strings, not multiaddrs)."""
         return self.get_visible_addresses()
 
     def _submit(self, coro: Any, return_future: bool, timeout: float | None = None) -> Any:

@@ -20,15 +20,30 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 UID_DELIMITER = "."
-_PATTERN = re.compile(r"^([A-Za-z_][\w\-]*)((?:\.\d+)+)$")
+# One spelling per expert: coordinates are ASCII decimal without leading zeros ("ffn.01" and "ffn.1" would be
+# two names, hence two DHT records, for one expert), and nothing may follow the last one (``$`` would allow a
+# trailing newline: fullmatch is used).
+_COORD = r"(?:0|[1-9][0-9]*)"
+_PATTERN = re.compile(rf"([A-Za-z_][\w\-]*)((?:\.{_COORD})+)")
 
 
 def parse_uid(uid: str) -> tuple[str, tuple[int, ...]]:
-    """``"ffn.3.14"`` -> ``("ffn", (3, 14))``; a clear ``ValueError`` for anything else."""
-    match = _PATTERN.match(uid) if isinstance(uid, str) else None
+    """``"ffn.3.14"`` -> ``("ffn", (3, 14))``; a clear ``ValueError`` for anything else (``"ffn.03"``,
+    ``"ffn.3\\n"``: a uid has exactly one spelling, so that one expert has one declaration)."""
+    match = _PATTERN.fullmatch(uid) if isinstance(uid, str) else None
     if match is None:
-        raise ValueError(f"expert uid must look like 'prefix.1.2' (a name, then one integer per grid dimension), got {uid!r}")
+        raise ValueError(f"expert uid must look like 'prefix.1.2' (a name, then one integer per grid dimension, "
+                         f"no leading zeros), got {uid!r}")
     return match.group(1), tuple(int(c) for c in match.group(2)[1:].split(UID_DELIMITER))
+
+
+def is_valid_uid(uid: Any) -> bool:
+    """hivemind's name: whether :func:`parse_uid` accepts ``uid``."""
+    try:
+        parse_uid(uid)
+    except ValueError:
+        return False
+    return True
 
 
 def make_uid(prefix: str, coords: Sequence[int]) -> str:
@@ -56,10 +71,10 @@ def expand_pattern(pattern: str) -> list[str]:
     parts = pattern.split(UID_DELIMITER)
     ranges: list[Iterable[int]] = []
     for part in parts[1:]:
-        m = re.fullmatch(r"\[(\d+):(\d+)\]", part)
+        m = re.fullmatch(rf"\[({_COORD}):({_COORD})\]", part)
         if m:
             ranges.append(range(int(m.group(1)), int(m.group(2))))
-        elif part.isdigit():
+        elif re.fullmatch(_COORD, part):
             ranges.append([int(part)])
         else:
             raise ValueError(f"bad expert pattern {pattern!r}: each part after the prefix is N or [A:B]")
