@@ -140,7 +140,7 @@ async def _worker(args: argparse.Namespace) -> None:
                 **_memory(),
                 "nodes": len(nodes),
                 "fds": len(os.listdir("/proc/self/fd")),
-                "connections": sum(len(n.endpoint._pool) for n in nodes),
+                "connections": sum(len(n.endpoint.pool) for n in nodes),
                 "routing_mean": statistics.fmean(tables) if tables else 0.0,
                 "torch_loaded": "torch" in sys.modules,
             })

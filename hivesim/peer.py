@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from hivesim.dht.facade import normalize_initial_peers
 from hivesim.dht.node import DHTNode
 from hivesim.metrics import Metrics
 from hivesim.net.identity import Identity
@@ -20,17 +21,37 @@ from hivesim.roles import Role, load_role
 
 logger = logging.getLogger(__name__)
 
-RoleSpecs = Mapping[str, Mapping[str, Any] | None] | Sequence[str]
+RoleSpecs = Mapping[str, Mapping[str, Any] | None] | Sequence[str | Mapping[str, Mapping[str, Any] | None]]
 
 
 def normalize_roles(roles: RoleSpecs | None) -> dict[str, dict[str, Any]]:
-    """``["a", "b"]`` or ``{"a": {...}, "b": None}`` -> ``{"a": {...}, "b": {}}``; ``dht`` is implicit."""
+    """``["a", "b"]``, ``{"a": {...}, "b": None}`` or ``["a", {"b": {...}}]`` -> ``{"a": {...}, "b": {}}``;
+    ``dht`` is implicit. A config author writes whichever reads best; a list item that is neither a name
+    nor a ``{name: params}`` mapping, or a role named twice, is a ``ValueError`` (not a confusing import)."""
     if roles is None:
         return {}
+    if isinstance(roles, str):
+        raise ValueError(f"roles must be a list of role names or a mapping {{name: params}}, got the string {roles!r}")
+    pairs: list[tuple[Any, Any]] = []
     if isinstance(roles, Mapping):
-        items = {str(k): dict(v or {}) for k, v in roles.items()}
+        pairs = list(roles.items())
     else:
-        items = {str(r): {} for r in roles}
+        for item in roles:
+            if isinstance(item, Mapping):
+                pairs += list(item.items())
+            elif isinstance(item, str):
+                pairs.append((item, None))
+            else:
+                raise ValueError(f"a role is a name or a {{name: params}} mapping, got {item!r}")
+    items: dict[str, dict[str, Any]] = {}
+    for name, params in pairs:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a role name is a non-empty string, got {name!r}")
+        if params is not None and not isinstance(params, Mapping):
+            raise ValueError(f"role {name!r}: parameters are a mapping {{param: value}}, got {params!r}")
+        if name in items:
+            raise ValueError(f"role {name!r} is named twice")
+        items[name] = dict(params or {})
     items.pop("dht", None)  # every peer is a DHT node
     return items
 
@@ -65,7 +86,8 @@ class Peer:
         self.role_specs = normalize_roles(roles)
         self.identity = identity or Identity()
         self.metrics = Metrics(name)
-        self.endpoint = Endpoint(host, port, links=links, advertise_host=advertise_host, **dict(endpoint or {}))
+        self.endpoint = Endpoint(host, port, links=links, advertise_host=advertise_host, identity=self.identity,
+                                 **dict(endpoint or {}))
         self.dht_options = dict(dht or {})
         self.dht: DHTNode | None = None
         self.roles: dict[str, Role] = {}
@@ -76,7 +98,7 @@ class Peer:
     def address(self) -> str:
         return self.endpoint.address
 
-    async def start(self, initial_peers: Iterable[str] = ()) -> "Peer":
+    async def start(self, initial_peers: str | Iterable[str] = ()) -> "Peer":
         """Bind, join the DHT through ``initial_peers``, start every role."""
         if self.state != "new":
             raise RuntimeError(f"peer {self.name} was already started ({self.state})")
@@ -84,7 +106,7 @@ class Peer:
         role_classes = {name: load_role(name) for name in self.role_specs}  # fail before binding anything
         try:
             await self.endpoint.start()
-            self.dht = await DHTNode.create(list(initial_peers), endpoint=self.endpoint, identity=self.identity, **self.dht_options)
+            self.dht = await DHTNode.create(normalize_initial_peers(initial_peers), endpoint=self.endpoint, identity=self.identity, **self.dht_options)
             for name, cls in role_classes.items():
                 role = cls(self, **self.role_specs[name])
                 await role.start()

@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import pytest
+import zmq
 
-from hivesim.net import Endpoint
+from hivesim.net import Endpoint, Identity
+from hivesim.net.limits import shared_context
+from hivesim.net.secure import CurveKeys, format_address, secure_client, split_address
+
+# where nobody listens, named like a real peer's address (with a key), so that calls fail as unreachable
+DEAD_ADDRESS = format_address("tcp://127.0.0.1:1", CurveKeys.from_identity(Identity()).public)
+
+
+def raw_client(address: str, identity: Identity | None = None) -> zmq.Socket:
+    """A bare DEALER connected to ``address`` as a peer that speaks the wire protocol by hand would be:
+    over CurveZMQ with a key of its own when the address names the server's key. The caller closes it."""
+    sock = shared_context().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    base, server_key = split_address(address)
+    if server_key is not None:
+        secure_client(sock, CurveKeys.from_identity(identity or Identity()), server_key)
+    sock.connect(base)
+    return sock
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

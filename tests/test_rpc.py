@@ -15,6 +15,7 @@ import zmq
 
 from hivesim.net import BadMessage, Endpoint, PeerUnreachable, RemoteError, RPCError, RPCTimeout
 from hivesim.net.limits import shared_context
+from tests.conftest import DEAD_ADDRESS
 
 
 async def echo(payload, ctx):
@@ -63,8 +64,8 @@ async def test_typed_errors(make_endpoint):
         await client.call(server.address, "slow", timeout=0.3)
     assert 0.25 < time.monotonic() - start < 2.0
     with pytest.raises(PeerUnreachable, match="refused"):
-        await client.call("tcp://127.0.0.1:1", "echo", timeout=5)
-    with pytest.raises(PeerUnreachable, match="not an endpoint address"):
+        await client.call(DEAD_ADDRESS, "echo", timeout=5)
+    with pytest.raises(PeerUnreachable, match="not a peer address"):
         await client.call("localhost:1234", "echo")
     # the server is still fine after all that
     server.register("echo", echo)
@@ -109,7 +110,7 @@ async def test_outgoing_pool_is_bounded(make_endpoint):
         server.register("echo", echo)
     for server in servers:
         assert await client.call(server.address, "echo", 1) == 1
-    assert len(client._pool) <= 3
+    assert len(client.pool) <= 3
     assert client.stats["connections_closed"] >= 5
     for server in servers:  # evicted peers are reconnected transparently
         assert await client.call(server.address, "echo", 2) == 2
@@ -121,7 +122,7 @@ async def test_close_leaves_no_tasks_or_sockets():
     server.register("echo", echo)
     for _ in range(3):
         await client.call(server.address, "echo", torch.randn(10))
-    sockets = [server._router, *(c.socket for c in client._pool.values()), *(c.monitor for c in client._pool.values())]
+    sockets = [server._router, *(c.socket for c in client.pool.connections.values()), *(c.monitor for c in client.pool.connections.values())]
     await client.close()
     await server.close()
     await asyncio.sleep(0)
@@ -242,8 +243,8 @@ async def test_request_is_call_as_a_future_with_the_same_errors(make_endpoint):
     abandoned = client.request(server.address, "slow", timeout=5)
     abandoned.cancel()
     await asyncio.sleep(0.05)
-    assert not client._pending and all(not c.calls for c in client._pool.values())  # nothing left behind
+    assert not client._pending and all(not c.calls for c in client.pool.connections.values())  # nothing left behind
     reply = await client.request(server.address, "echo", torch.arange(4.0))  # tensors go through too
     assert torch.equal(reply, torch.arange(4.0))
     with pytest.raises(PeerUnreachable):
-        await client.request("tcp://127.0.0.1:1", "echo", timeout=5)
+        await client.request(DEAD_ADDRESS, "echo", timeout=5)

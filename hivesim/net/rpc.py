@@ -13,6 +13,13 @@ apart by request ids. Replies and failures come back typed (:mod:`hivesim.net.er
 Nothing a remote peer sends can crash the endpoint: malformed frames are answered with a
 ``BadMessage`` error when they carry a request id, dropped and counted in :attr:`Endpoint.stats`
 otherwise, and declared sizes are checked against ``max_message_bytes`` before anything is allocated.
+What one caller may hold is budgeted per caller: running calls (``max_inflight_per_peer``), streamed bytes
+(:mod:`hivesim.net.streams`), and replies it does not read (dropped after ``reply_stall_timeout``).
+
+The concerns live in small modules: :mod:`~hivesim.net.socket_io` drives a socket from the event loop,
+:mod:`~hivesim.net.connections` pools outgoing connections, :mod:`~hivesim.net.streams` reassembles
+streamed messages, and :mod:`~hivesim.net.secure` makes every connection authenticated and encrypted
+(CurveZMQ keys derived from the peer's Ed25519 identity, on by default).
 """
 
 from __future__ import annotations
@@ -22,9 +29,8 @@ import inspect
 import itertools
 import logging
 import math
-import struct
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,32 +38,22 @@ from typing import Any
 import msgpack
 import zmq
 
+from hivesim.net.connections import Connection, ConnectionPool
 from hivesim.net.errors import BadMessage, PeerUnreachable, RemoteError, RPCError, RPCTimeout
+from hivesim.net.identity import Identity
 from hivesim.net.limits import shared_context
 from hivesim.net.links import IdentityLinks, LinkModel
+from hivesim.net.secure import CurveKeys, ensure_authenticator, format_address, secure_server
 from hivesim.net.serialization import Packed, pack, unpack
+from hivesim.net.socket_io import MiB, SocketIO, frame, tune
+from hivesim.net.streams import Incoming, StreamReassembly
 
 logger = logging.getLogger(__name__)
 
 REQUEST, REPLY, ERROR, CHUNK = 0, 1, 2, 3
 PROTOCOL = 1
-MiB = 1 << 20
-# Messages queued per peer. A short receive queue pushes back on a fast sender through TCP, which bounds
-# what a stream holds in the receiver's memory to about RECEIVE_QUEUE chunks.
-RECEIVE_QUEUE = 32
-SEND_QUEUE = 1000
-SOCKET_BUFFER = 4 * MiB
+_NO_PEER = b""  # the budget key of a caller whose identity is not proven (an unencrypted endpoint)
 
-_monitor_ids = itertools.count()
-# plain ints: pyzmq's flag enums cost a Python-level enum operation per test on the hot path
-_POLLIN, _POLLOUT, _EVENTS, _NOBLOCK, _SNDMORE = (
-    int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS), int(zmq.NOBLOCK), int(zmq.SNDMORE)
-)
-_HANDSHAKE_SUCCEEDED, _CONNECT_RETRIED, _DISCONNECTED = (
-    int(zmq.EVENT_HANDSHAKE_SUCCEEDED), int(zmq.EVENT_CONNECT_RETRIED), int(zmq.EVENT_DISCONNECTED)
-)
-# frames below this many bytes are copied into the message: cheaper than zero-copy bookkeeping
-_COPY_BELOW = 1 << 16
 
 Handler = Callable[[Any, "CallContext"], Awaitable[Any] | Any]
 
@@ -101,159 +97,6 @@ class Lateness:
         }
 
 
-class _Incoming:
-    """A message being received: its header, its buffers, and how many streamed bytes are missing."""
-
-    __slots__ = ("header", "buffers", "missing", "release_at", "dropped", "timer", "nbytes")
-
-    def __init__(self, header: dict, buffers: list, missing: int, nbytes: int) -> None:
-        self.header = header
-        self.buffers = buffers
-        self.missing = missing
-        self.nbytes = nbytes
-        self.release_at = 0.0
-        self.dropped = False
-        self.timer: asyncio.TimerHandle | None = None
-
-
-class _SocketIO:
-    """Drives one ZeroMQ socket straight from the event loop, without pyzmq's asyncio layer.
-
-    ZeroMQ's file descriptor is edge-triggered: it turns readable when the socket's state may have
-    changed, and only a read of ``EVENTS`` tells what changed. So every wake-up drains the socket until it
-    has nothing left (in batches, to stay fair to other work), and every send re-checks for input the
-    send itself may have picked up. Sends try ``NOBLOCK`` first; only a full queue makes them wait, on a
-    future the reader wakes when the socket turns writable. This saves a Future, a Task and several
-    callbacks per message compared with ``zmq.asyncio``, which is where a DHT's small RPCs spend their time.
-    """
-
-    __slots__ = ("sock", "loop", "on_message", "fd", "scheduled", "writers", "closed")
-    BATCH = 256
-
-    def __init__(self, sock: zmq.Socket, loop: asyncio.AbstractEventLoop, on_message: Callable[[list], None]) -> None:
-        self.sock = sock
-        self.loop = loop
-        self.on_message = on_message
-        self.fd = sock.getsockopt(zmq.FD)
-        self.scheduled = False
-        self.writers: list[asyncio.Future] = []
-        self.closed = False
-        loop.add_reader(self.fd, self._ready)
-        self.kick()  # messages may have arrived before the reader was added
-
-    def kick(self) -> None:
-        """Check the socket soon, without waiting for its descriptor to signal."""
-        if not self.scheduled and not self.closed:
-            self.scheduled = True
-            self.loop.call_soon(self._ready)
-
-    def _ready(self) -> None:
-        self.scheduled = False
-        sock = self.sock
-        for _ in range(self.BATCH):
-            if self.closed:
-                return
-            try:  # receive until the socket says it has nothing: that also re-arms its descriptor
-                frame = sock.recv(_NOBLOCK, copy=False)
-                frames = [frame]
-                while frame.more:  # the parts of a message arrive together
-                    frame = sock.recv(0, copy=False)
-                    frames.append(frame)
-            except zmq.Again:
-                break
-            except zmq.ZMQError:
-                return  # closed under us
-            try:
-                self.on_message(frames)
-            except Exception:  # a bug in a handler path must not stop the reading
-                logger.exception("error while handling a message")
-        else:
-            self.kick()  # more may be waiting: continue after other callbacks had their turn
-        if self.writers and not self.closed:
-            try:
-                if sock.getsockopt(_EVENTS) & _POLLOUT:
-                    self._wake_writers()
-            except zmq.ZMQError:
-                pass
-
-    def _wake_writers(self) -> None:
-        writers, self.writers = self.writers, []
-        for waiter in writers:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def try_send(self, frames: list) -> bool:
-        """Queue ``frames`` if the socket takes them now; False if its queue is full."""
-        sock = self.sock
-        last = len(frames) - 1
-        try:  # a multipart message is atomic: only its first frame can meet a full queue
-            for i, frame in enumerate(frames):
-                sock.send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, copy=len(frame) < _COPY_BELOW)
-        except zmq.Again:
-            return False
-        self.kick()  # the send may have consumed the descriptor's signal for waiting input: look soon
-        return True
-
-    async def send(self, frames: list, deadline: float) -> None:
-        """Send, waiting while the queue is full. Raises TimeoutError after ``deadline`` (monotonic),
-        PeerUnreachable if the socket is closed meanwhile, zmq.ZMQError on other socket errors."""
-        while True:
-            if self.closed:
-                raise PeerUnreachable("the connection closed while sending")
-            if self.try_send(frames):
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise asyncio.TimeoutError()
-            waiter = self.loop.create_future()
-            self.writers.append(waiter)
-            try:  # the short cap re-checks even if a writability signal was missed
-                await asyncio.wait_for(waiter, min(left, 0.05))
-            except asyncio.TimeoutError:
-                pass
-
-    def close(self) -> None:
-        """Stop reading and close the socket; senders waiting on it fail with PeerUnreachable."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.loop.remove_reader(self.fd)
-        except Exception:  # the loop may be closed already
-            pass
-        for waiter in self.writers:
-            if not waiter.done():
-                waiter.set_result(None)  # the sender sees `closed` and raises
-        self.writers = []
-        if not self.sock.closed:
-            self.sock.close(0)
-
-
-class _Connection:
-    """One DEALER socket to one remote endpoint, with the task that reads its replies."""
-
-    __slots__ = ("address", "socket", "monitor", "io", "monitor_io", "ready", "calls", "last_used")
-
-    def __init__(self, address: str, socket: zmq.Socket, monitor: zmq.Socket) -> None:
-        self.address = address
-        self.socket = socket
-        self.monitor = monitor
-        self.io: _SocketIO | None = None  # reads replies
-        self.monitor_io: _SocketIO | None = None  # reads connection events
-        self.ready: asyncio.Future | None = None  # done when the handshake succeeded (or failed)
-        self.calls: set[int] = set()  # request ids waiting for a reply through this socket
-        self.last_used = time.monotonic()
-
-    @property
-    def inflight(self) -> int:
-        return len(self.calls)
-
-    def close(self) -> None:
-        _close_monitored(self.socket, self.monitor, self.io, self.monitor_io)
-        if self.ready is not None and not self.ready.done():
-            self.ready.cancel()
-
-
 class Endpoint:
     """A peer's network presence: serves registered handlers and calls other endpoints.
 
@@ -262,11 +105,23 @@ class Endpoint:
         port: TCP port, 0 picks a free one; :attr:`address` tells which.
         links: the link model (``IdentityLinks`` in deployment, ``ShapedLinks`` in simulation).
         advertise_host: host written into :attr:`address` when ``host`` is a wildcard.
+        identity: the peer's Ed25519 key pair; its Curve keys and peer id derive from it (fresh if omitted).
+        encryption: CurveZMQ on the serving socket (see :mod:`hivesim.net.secure`): callers are
+            authenticated (``CallContext.peer_id``) and traffic is encrypted; the address then names the
+            peer's key, and this endpoint only calls addresses that name one. Off: plain ZeroMQ, nothing
+            about a caller is proven (simulations that want raw speed).
         default_timeout: seconds a :meth:`call` waits when it is given no timeout.
-        connect_timeout: seconds to wait for a TCP + ZMTP handshake with a new peer.
+        connect_timeout: seconds to wait for a TCP + ZMTP (+ Curve) handshake with a new peer.
+        max_call_timeout: the longest a served call or a stream may take, whatever the caller asks.
         max_message_bytes: largest message (all buffers together) accepted from a peer.
-        max_pending_bytes: most bytes of incomplete streamed messages held at once.
+        max_buffers: most buffers one message may declare.
+        max_pending_bytes: most bytes received into incomplete streamed messages, all peers together.
+        max_pending_bytes_per_peer: most declared-but-missing streamed bytes one peer may have
+            outstanding (default: ``max_message_bytes``, one whole message).
+        stream_idle_timeout: a stream that receives nothing for this long is dropped.
         max_inflight: most handler calls running at once; more get an ``Overloaded`` error.
+        max_inflight_per_peer: most handler calls (and undelivered replies) of one peer.
+        reply_stall_timeout: a reply the caller's socket does not take for this long is dropped.
         pool_size: outgoing connections kept open; idle ones beyond it are closed, oldest first.
         inline_limit: buffers larger than this are streamed in chunks of ``chunk_size``.
         compression: default compression of outgoing tensors (see :mod:`hivesim.net.codecs`).
@@ -279,11 +134,19 @@ class Endpoint:
         *,
         links: LinkModel | None = None,
         advertise_host: str | None = None,
+        identity: Identity | None = None,
+        encryption: bool = True,
         default_timeout: float = 30.0,
         connect_timeout: float = 5.0,
+        max_call_timeout: float = 24 * 3600.0,
         max_message_bytes: int = 16 << 30,
+        max_buffers: int = 8192,
         max_pending_bytes: int = 32 << 30,
+        max_pending_bytes_per_peer: int | None = None,
+        stream_idle_timeout: float = 60.0,
         max_inflight: int = 1024,
+        max_inflight_per_peer: int = 256,
+        reply_stall_timeout: float = 10.0,
         pool_size: int = 64,
         inline_limit: int = 4 * MiB,
         chunk_size: int = 4 * MiB,
@@ -293,28 +156,41 @@ class Endpoint:
         self.port = port
         self.links: LinkModel = links if links is not None else IdentityLinks()
         self.advertise_host = advertise_host
+        self.identity = identity if identity is not None else Identity()
+        self.encryption = bool(encryption)
+        self.keys = CurveKeys.from_identity(self.identity)
         self.default_timeout = default_timeout
         self.connect_timeout = connect_timeout
+        self.max_call_timeout = max_call_timeout
         self.max_message_bytes = max_message_bytes
-        self.max_pending_bytes = max_pending_bytes
         self.max_inflight = max_inflight
+        self.max_inflight_per_peer = max_inflight_per_peer
+        self.reply_stall_timeout = reply_stall_timeout
         self.pool_size = pool_size
         self.inline_limit = inline_limit
         self.chunk_size = chunk_size
         self.compression = compression
         self.stats: Counter[str] = Counter()
         self.lateness = Lateness()  # how late shaped messages were released: the emulation's error
+        self.streams = StreamReassembly(
+            max_message_bytes=max_message_bytes, max_buffers=max_buffers, max_pending_bytes=max_pending_bytes,
+            max_pending_bytes_per_peer=max_message_bytes if max_pending_bytes_per_peer is None
+            else max_pending_bytes_per_peer,
+            idle_timeout=stream_idle_timeout, max_timeout=max_call_timeout, default_timeout=default_timeout,
+            stats=self.stats,
+        )
+        self.pool = ConnectionPool(keys=self.keys, require_key=self.encryption, connect_timeout=connect_timeout,
+                                   size=pool_size, on_reply=self._on_reply, on_lost=self._on_lost, stats=self.stats)
 
         self._handlers: dict[str, Handler] = {}
         self._router: zmq.Socket | None = None
-        self._router_io: _SocketIO | None = None
-        self._pool: OrderedDict[str, _Connection] = OrderedDict()
-        self._connecting: dict[str, asyncio.Future] = {}
+        self._router_io: SocketIO | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._into: dict[int, Callable[[int, int], Any]] = {}  # where a call's streamed reply buffers land
-        self._incoming: dict[tuple[bytes, int], _Incoming] = {}
-        self._pending_bytes = 0
-        self._serving: set[asyncio.Task] = set()
+        self._serving: set[asyncio.Task] = set()  # handler tasks and reply sends, cancelled at close
+        self._busy: Counter = Counter()  # per peer: its running handler tasks and undelivered replies
+        self._handlers_running = 0
+        self._peer_of: dict[bytes, bytes] = {}  # ROUTER routing id -> the peer id its connection proved
         self._rids = itertools.count(1)
         self._closed = False
         self._address = ""
@@ -325,10 +201,14 @@ class Endpoint:
         """Bind the ROUTER socket and start serving. Returns ``self``."""
         if self._router is not None:
             return self
-        router = zmq.Socket(shared_context(), zmq.ROUTER)  # a plain socket: _SocketIO drives it
+        ctx = shared_context()
+        router = zmq.Socket(ctx, zmq.ROUTER)  # a plain socket: SocketIO drives it
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        _tune(router)
+        tune(router)
+        if self.encryption:
+            ensure_authenticator(ctx)
+            secure_server(router, self.keys)
         if ":" in self.host:
             router.setsockopt(zmq.IPV6, 1)
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -345,8 +225,8 @@ class Endpoint:
         if shown in ("0.0.0.0", "*", "::"):
             shown = "127.0.0.1"
         shown = f"[{shown}]" if ":" in shown else shown
-        self._address = f"tcp://{shown}:{self.port}"
-        self._router_io = _SocketIO(router, asyncio.get_running_loop(), self._on_routed)
+        self._address = format_address(f"tcp://{shown}:{self.port}", self.keys.public if self.encryption else None)
+        self._router_io = SocketIO(router, asyncio.get_running_loop(), self._on_routed)
         return self
 
     async def __aenter__(self) -> "Endpoint":
@@ -357,10 +237,15 @@ class Endpoint:
 
     @property
     def address(self) -> str:
-        """The address other peers call, e.g. ``tcp://127.0.0.1:40123``."""
+        """The address other peers call, e.g. ``tcp://127.0.0.1:40123/<key>`` (no key without encryption)."""
         if not self._address:
             raise RuntimeError("the endpoint is not started: await endpoint.start() first")
         return self._address
+
+    @property
+    def peer_id(self) -> bytes:
+        """This peer's id: what callers see as ``CallContext.peer_id`` (a hash of its Curve key)."""
+        return self.identity.peer_id
 
     @property
     def closed(self) -> bool:
@@ -380,16 +265,8 @@ class Endpoint:
                 fut.set_exception(RPCError("the endpoint was closed"))
                 fut.exception()  # its caller may be gone too: do not warn about it
         self._pending.clear()
-        for incoming in self._incoming.values():
-            if incoming.timer:
-                incoming.timer.cancel()
-        self._incoming.clear()
-        self._pending_bytes = 0
-        for conn in self._pool.values():
-            conn.close()
-        self._pool.clear()
-        for fut in self._connecting.values():
-            fut.cancel()
+        self.streams.clear()
+        self.pool.close()
         if self._router_io is not None:
             self._router_io.close()
         if self._router is not None:
@@ -407,22 +284,35 @@ class Endpoint:
         self._handlers.pop(name, None)
 
     def _on_routed(self, frames: list) -> None:
-        """A message on the ROUTER: the sender's identity, then the message."""
+        """A message on the ROUTER: the sender's routing id, then the message."""
         if len(frames) < 2:
             self.stats["dropped_malformed"] += 1
             return
-        self._on_frames(frames[0].bytes, frames[1:])
+        origin = frames[0].bytes
+        peer = _NO_PEER
+        if self.encryption:
+            peer = self._peer_of.get(origin)
+            if peer is None:
+                try:
+                    peer = bytes.fromhex(frames[1].get("User-Id"))
+                except (zmq.ZMQError, ValueError, TypeError):
+                    self.stats["dropped_unauthenticated"] += 1
+                    return
+                if len(self._peer_of) >= 65536:  # routing ids are per connection: forget old ones wholesale
+                    self._peer_of.clear()
+                self._peer_of[origin] = peer
+        self._on_frames(origin, peer, frames[1:])
 
     def _on_reply(self, frames: list) -> None:
         """A message on one of our DEALERs: a reply (or a chunk of one) to a call of ours."""
-        self._on_frames(b"", frames)
+        self._on_frames(b"", None, frames)
 
-    def _serve(self, origin: bytes, incoming: _Incoming) -> None:
+    def _serve(self, origin: bytes, incoming: Incoming) -> None:
         """Serve one request. A sync handler runs right here, in the reader's callback, and its reply is
         sent before the next message is read; an async handler (or a reply that must wait for the
         socket) gets a task."""
         header = incoming.header
-        rid, method = header["i"], header.get("m")
+        rid, method, peer = header["i"], header.get("m"), incoming.peer
         try:
             if not isinstance(method, str):
                 raise BadMessage("a request needs a method name")
@@ -430,17 +320,19 @@ class Endpoint:
             if handler is None:
                 self._reply_error(origin, rid, "UnknownMethod", f"no handler named {method!r}")
                 return
-            if len(self._serving) > self.max_inflight:
+            if self._handlers_running >= self.max_inflight or self._busy[peer] >= self.max_inflight_per_peer:
                 self.stats["overloaded"] += 1
-                self._reply_error(origin, rid, "Overloaded", f"more than {self.max_inflight} calls running")
+                mine = self._busy[peer] >= self.max_inflight_per_peer
+                self._reply_error(origin, rid, "Overloaded", f"more than {self.max_inflight_per_peer} calls of yours "
+                                  "running" if mine else f"more than {self.max_inflight} calls running")
                 return
             timeout = header.get("to")
-            if not isinstance(timeout, (int, float)) or timeout <= 0:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
                 timeout = self.default_timeout
-            deadline = time.monotonic() + min(float(timeout), 24 * 3600.0)
+            deadline = time.monotonic() + min(float(timeout), self.max_call_timeout)
             payload = unpack(header.get("b", b""), incoming.buffers)
             src = header.get("src", "")
-            ctx = CallContext(method, deadline, src if isinstance(src, str) else "")
+            ctx = CallContext(method, deadline, src if isinstance(src, str) else "", peer if self.encryption else None)
             try:
                 result = handler(payload, ctx)
             except BadMessage:
@@ -449,28 +341,42 @@ class Endpoint:
                 self._handler_failed(origin, rid, method, e)
                 return
             if inspect.isawaitable(result):
-                task = self._track(self._finish(origin, rid, method, result, ctx))
+                self._handlers_running += 1
+                task = self._track(peer, self._finish(origin, peer, rid, method, result, ctx))
                 if inspect.iscoroutine(result):  # a task cancelled before its first step (the endpoint
                     task.add_done_callback(lambda _: result.close())  # closed) never starts the handler
                 return
             pending = self._reply(origin, rid, result, deadline)
             if pending is not None:
-                self._track(pending)
+                self._track(peer, self._wait_reply(pending))
         except BadMessage as e:
             self.stats["bad_messages"] += 1
             self._reply_error(origin, rid, "BadMessage", str(e))
 
-    def _track(self, coro: Any) -> asyncio.Task:
+    def _track(self, peer: Any, coro: Any) -> asyncio.Task:
+        """Run ``coro`` as a task charged to ``peer`` until it ends."""
         task = asyncio.get_running_loop().create_task(coro)
         self._serving.add(task)
-        task.add_done_callback(self._serving.discard)
+        self._busy[peer] += 1
+
+        def done(t: asyncio.Task) -> None:
+            self._serving.discard(t)
+            self._busy[peer] -= 1
+            if self._busy[peer] <= 0:
+                del self._busy[peer]
+
+        task.add_done_callback(done)
         return task
 
-    async def _finish(self, origin: bytes, rid: int, method: str, result: Awaitable, ctx: CallContext) -> None:
+    async def _finish(self, origin: bytes, peer: Any, rid: int, method: str, result: Awaitable,
+                      ctx: CallContext) -> None:
         """Await an async handler within the call's deadline (plus a second of grace), then reply."""
         try:
-            async with asyncio.timeout(ctx.time_left + 1.0):
-                value = await result
+            try:
+                async with asyncio.timeout(ctx.time_left + 1.0):
+                    value = await result
+            finally:
+                self._handlers_running -= 1
         except asyncio.TimeoutError:
             self.stats["handler_timeouts"] += 1
             return  # the caller has given up; nobody reads a reply
@@ -483,7 +389,7 @@ class Endpoint:
             return
         pending = self._reply(origin, rid, value, ctx.deadline)
         if pending is not None:
-            await pending
+            await self._wait_reply(pending)
 
     def _handler_failed(self, origin: bytes, rid: int, method: str, error: Exception) -> None:
         self.stats["handler_errors"] += 1
@@ -499,13 +405,15 @@ class Endpoint:
             return None
         self.stats["calls_served"] += 1
         try:
-            pending = self._send(self._router_io, [origin], {"k": REPLY, "i": rid}, packed, deadline)  # type: ignore[arg-type]
+            pending = self._send(self._router_io, [origin], {"k": REPLY, "i": rid}, packed, deadline,  # type: ignore[arg-type]
+                                 stall=self.reply_stall_timeout)
         except (zmq.ZMQError, RPCError):
             self.stats["reply_failed"] += 1  # the caller went away
             return None
-        return None if pending is None else self._wait_reply(pending)
+        return pending
 
     async def _wait_reply(self, pending: Awaitable) -> None:
+        """Finish sending a reply; a caller that does not take it within the stall timeout loses it."""
         try:
             await pending
         except (zmq.ZMQError, RPCError):
@@ -540,7 +448,8 @@ class Endpoint:
 
         Raises:
             RPCTimeout: no reply within ``timeout`` seconds (default :attr:`default_timeout`).
-            PeerUnreachable: the peer cannot be connected to, or went away.
+            PeerUnreachable: the peer cannot be connected to, went away, or is not the peer the address
+                names (a failed Curve handshake); also when this process is out of sockets.
             RemoteError: the remote handler raised (type and message are kept).
             BadMessage: either side could not decode the other's message.
         """
@@ -554,12 +463,10 @@ class Endpoint:
         self._pending[rid] = future
         if into is not None:
             self._into[rid] = into
-        conn: _Connection | None = self._pool.get(address)
+        conn: Connection | None = self.pool.get(address)
         try:
             if conn is None:
-                conn = await self._connection(address, deadline)
-            else:
-                self._pool.move_to_end(address)
+                conn = await self.pool.connect(address, deadline)
             conn.calls.add(rid)
             header = {"k": REQUEST, "i": rid, "m": method, "to": round(timeout, 3)}
             pending = self._send(conn.io, [], header, packed, deadline)  # type: ignore[arg-type]
@@ -568,7 +475,7 @@ class Endpoint:
             self.stats["calls_sent"] += 1
             timer = asyncio.get_running_loop().call_at(_loop_time(deadline), _expire, future)
             try:
-                incoming: _Incoming = await future
+                incoming: Incoming = await future
             finally:
                 timer.cancel()
         except asyncio.TimeoutError:
@@ -577,7 +484,7 @@ class Endpoint:
         finally:
             self._pending.pop(rid, None)
             self._into.pop(rid, None)
-            self._forget_incoming((b"", rid))
+            self.streams.forget((b"", rid))
             if conn is not None:
                 conn.calls.discard(rid)
                 conn.last_used = time.monotonic()
@@ -596,13 +503,16 @@ class Endpoint:
 
         Over an open, unshaped connection with room to send, the request leaves at once and no task is
         made (what a DHT lookup's many small requests need); otherwise it falls back to a task running
-        :meth:`call`. Cancelling the future abandons the call.
+        :meth:`call`. Cancelling the future abandons the call; a future nobody awaits any more does not
+        warn about its exception.
         """
         loop = asyncio.get_running_loop()
-        conn = self._pool.get(address)
+        conn = self.pool.get(address)
         if conn is None or self._closed or self.links.shaped:
-            return loop.create_task(self.call(address, method, payload, timeout=timeout, compression=compression))
+            return _quiet(loop.create_task(self.call(address, method, payload, timeout=timeout,
+                                                     compression=compression)))
         result: asyncio.Future = loop.create_future()
+        _quiet(result)
         timeout = self.default_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         try:
@@ -619,8 +529,8 @@ class Endpoint:
             return result
         if pending is not None:  # tensors to stream, or a full queue: not the fast path after all
             pending.close()  # type: ignore[attr-defined]
-            return loop.create_task(self.call(address, method, payload, timeout=timeout, compression=compression))
-        self._pool.move_to_end(address)
+            return _quiet(loop.create_task(self.call(address, method, payload, timeout=timeout,
+                                                     compression=compression)))
         self.stats["calls_sent"] += 1
         future: asyncio.Future = loop.create_future()
         self._pending[rid] = future
@@ -630,7 +540,7 @@ class Endpoint:
         def finish(done: asyncio.Future) -> None:
             timer.cancel()
             self._pending.pop(rid, None)
-            self._forget_incoming((b"", rid))
+            self.streams.forget((b"", rid))
             conn.calls.discard(rid)
             conn.last_used = time.monotonic()
             if result.done():
@@ -654,121 +564,24 @@ class Endpoint:
         result.add_done_callback(lambda r: future.cancel() if r.cancelled() else None)
         return result
 
-    async def _connection(self, address: str, deadline: float) -> _Connection:
-        conn = self._pool.get(address)
-        if conn is not None:
-            self._pool.move_to_end(address)
-            return conn
-        waiting = self._connecting.get(address)
-        if waiting is not None:
-            return await asyncio.shield(waiting)
-        future = asyncio.get_running_loop().create_future()
-        self._connecting[address] = future
-        try:
-            conn = await self._connect(address, deadline)
-            future.set_result(conn)
-            return conn
-        except BaseException as e:
-            future.set_exception(e if isinstance(e, Exception) else RPCError("connect cancelled"))
-            future.exception()  # mark retrieved: the other waiters may be gone
-            raise
-        finally:
-            self._connecting.pop(address, None)
-
-    async def _connect(self, address: str, deadline: float) -> _Connection:
-        if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://", "inproc://")):
-            raise PeerUnreachable(f"not an endpoint address: {address!r} (expected tcp://host:port)")
-        ctx = shared_context()
-        sock = zmq.Socket(ctx, zmq.DEALER)  # plain sockets: _SocketIO drives them
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer we are not connected to
-        _tune(sock)
-        if address.startswith("tcp://["):
-            sock.setsockopt(zmq.IPV6, 1)
-        # The monitor stays for the socket's life: a DISCONNECTED event fails the calls in flight at once
-        # instead of leaving them to their timeouts.
-        # Each monitor gets an address of its own: pyzmq's default name reuses the socket's file
-        # descriptor number, which a closed socket's monitor may still hold.
-        monitor_address = f"inproc://hivesim-monitor-{next(_monitor_ids)}"
-        sock.monitor(monitor_address, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED)
-        monitor = zmq.Socket(ctx, zmq.PAIR)
-        monitor.setsockopt(zmq.LINGER, 0)
-        monitor.connect(monitor_address)
-        loop = asyncio.get_running_loop()
-        conn = _Connection(address, sock, monitor)
-        conn.ready = loop.create_future()
-        conn.monitor_io = _SocketIO(monitor, loop, lambda frames: self._on_monitor_event(conn, frames))
-        try:
-            try:
-                sock.connect(address)
-            except zmq.ZMQError as e:
-                raise PeerUnreachable(f"cannot connect to {address!r}: {e}") from None
-            left = min(deadline, time.monotonic() + self.connect_timeout) - time.monotonic()
-            try:
-                await asyncio.wait_for(conn.ready, max(0.0, left))
-            except asyncio.TimeoutError:
-                raise PeerUnreachable(f"no connection to {address} within {self.connect_timeout:.3g} s") from None
-        except BaseException:
-            conn.close()
-            raise
-        if self._closed:
-            conn.close()
-            raise RPCError("the endpoint is closed")
-        conn.io = _SocketIO(sock, loop, self._on_reply)
-        self._pool[address] = conn
-        self.stats["connections_opened"] += 1
-        self._trim_pool()
-        return conn
-
-    def _trim_pool(self) -> None:
-        excess = len(self._pool) - self.pool_size
-        for address in list(self._pool):
-            if excess <= 0:
-                break
-            if self._pool[address].inflight == 0:
-                self._drop_connection(address)
-                excess -= 1
-
-    def _drop_connection(self, address: str) -> None:
-        conn = self._pool.pop(address, None)
-        if conn is None:
-            return
-        conn.close()
-        self.stats["connections_closed"] += 1
-
-    def _on_monitor_event(self, conn: _Connection, frames: list) -> None:
-        """Connection events: the handshake finishing (or being refused) and, later, the peer going away,
-        which fails the calls waiting on ``conn`` at once."""
-        event = struct.unpack_from("=H", frames[0].buffer)[0] if frames and len(frames[0]) >= 2 else -1
-        ready = conn.ready
-        if ready is not None and not ready.done():
-            if event == _HANDSHAKE_SUCCEEDED:
-                ready.set_result(None)
-            elif event == _CONNECT_RETRIED:
-                ready.set_exception(PeerUnreachable(f"{conn.address} refused the connection"))
-            return  # a disconnect before the handshake is retried by ZeroMQ until the connect timeout
-        if event != _DISCONNECTED:
-            return
-        self.stats["disconnects"] += 1
+    def _on_lost(self, conn: Connection) -> None:
+        """A connection went away: the calls waiting on it fail now, not at their timeouts."""
         for rid in list(conn.calls):
             future = self._pending.get(rid)
             if future is not None and not future.done():
                 future.set_exception(PeerUnreachable(f"{conn.address} disconnected during the call"))
                 future.exception()
-        if self._pool.get(conn.address) is conn:
-            self._pool.pop(conn.address)
-            self.stats["connections_closed"] += 1
-        conn.close()
 
     # ------------------------------------------------------------------ sending
 
     def _send(
         self,
-        io: _SocketIO,
+        io: SocketIO,
         prefix: list[bytes],
         header: dict,
         packed: Packed,
         deadline: float,
+        stall: float | None = None,
     ) -> Awaitable[None] | None:
         """Send one message: header + inline buffers, then streamed buffers in chunks.
 
@@ -776,7 +589,8 @@ class Endpoint:
         (the common case: no task, no future); otherwise the returned awaitable finishes the send.
         Sends wait (asynchronously) while the peer's queue is full, which is the flow control that keeps
         a fast sender from piling a huge stream into the receiver's memory; a peer that disconnects
-        meanwhile closes the socket under the send, which then fails with ``PeerUnreachable``.
+        meanwhile closes the socket under the send, which then fails with ``PeerUnreachable``. With
+        ``stall``, a send the socket refuses for that many seconds fails with ``RPCTimeout``.
         """
         header["v"] = PROTOCOL
         header["b"] = packed.body
@@ -784,7 +598,7 @@ class Endpoint:
             sizes = [int(b.numel()) for b in packed.buffers]
             if not sizes or max(sizes) <= self.inline_limit:
                 header["L"] = sizes
-                frames = [*prefix, msgpack.packb(header, use_bin_type=True), *(_frame(b) for b in packed.buffers)]
+                frames = [*prefix, msgpack.packb(header, use_bin_type=True), *(frame(b) for b in packed.buffers)]
                 try:
                     sent = io.try_send(frames)
                 except zmq.ZMQError as e:
@@ -792,11 +606,14 @@ class Endpoint:
                 if sent:
                     self.stats["bytes_sent"] += len(packed.body) + sum(sizes)
                     return None
-        return self._send_slowly(io, prefix, header, packed, deadline)
+        return self._send_slowly(io, prefix, header, packed, deadline, stall)
 
     async def _send_slowly(
-        self, io: _SocketIO, prefix: list[bytes], header: dict, packed: Packed, deadline: float
+        self, io: SocketIO, prefix: list[bytes], header: dict, packed: Packed, deadline: float, stall: float | None
     ) -> None:
+        def until() -> float:
+            return deadline if stall is None else min(deadline, time.monotonic() + stall)
+
         sizes = [int(b.numel()) for b in packed.buffers]
         streamed = [i for i, n in enumerate(sizes) if n > self.inline_limit]
         inline = [packed.buffers[i] for i in range(len(sizes)) if i not in streamed] if streamed else packed.buffers
@@ -805,9 +622,9 @@ class Endpoint:
             header["S"] = streamed
         first_size = len(packed.body) + sum(int(b.numel()) for b in inline)
         await self._shape(header, first_size)
-        frames = [*prefix, msgpack.packb(header, use_bin_type=True), *(_frame(b) for b in inline)]
+        frames = [*prefix, msgpack.packb(header, use_bin_type=True), *(frame(b) for b in inline)]
         try:
-            await io.send(frames, deadline)
+            await io.send(frames, until())
         except zmq.ZMQError as e:
             raise PeerUnreachable(f"send failed: {e}") from None
         except asyncio.TimeoutError:
@@ -823,7 +640,7 @@ class Endpoint:
                     raise RPCTimeout("could not send before the deadline")
                 await asyncio.sleep(0)  # a stream must not hold the loop while the socket keeps taking chunks
                 try:
-                    await io.send([*prefix, msgpack.packb(chunk), _frame(piece)], deadline)
+                    await io.send([*prefix, msgpack.packb(chunk), frame(piece)], until())
                 except asyncio.TimeoutError:
                     raise RPCTimeout("could not send before the deadline") from None
                 except zmq.ZMQError as e:
@@ -842,14 +659,15 @@ class Endpoint:
 
     # ------------------------------------------------------------------ receiving
 
-    def _on_frames(self, origin: bytes, frames: list) -> None:
-        """Handle one raw message from the ROUTER (``origin`` = sender identity) or a DEALER (``b""``)."""
+    def _on_frames(self, origin: bytes, peer: Any, frames: list) -> None:
+        """Handle one raw message from the ROUTER (``origin`` = sender's routing id, ``peer`` = its proven
+        id or ``_NO_PEER``) or from a DEALER (``origin`` = ``b""``: a reply to a call of ours)."""
         try:
             header = msgpack.unpackb(frames[0].buffer, raw=False)
         except Exception:
             self.stats["dropped_malformed"] += 1
             return
-        if not isinstance(header, dict) or not isinstance(header.get("i"), int) or header.get("k") not in (0, 1, 2, 3):
+        if not isinstance(header, dict) or type(header.get("i")) is not int or header.get("k") not in (0, 1, 2, 3):
             self.stats["dropped_malformed"] += 1
             return
         rid, kind = header["i"], header["k"]
@@ -860,10 +678,10 @@ class Endpoint:
             if kind == CHUNK:
                 self._on_chunk(origin, header, frames)
             else:
-                self._on_head(origin, header, frames)
+                self._on_head(origin, peer, header, frames)
         except BadMessage as e:
             self.stats["bad_messages"] += 1
-            self._forget_incoming((origin, rid))
+            self.streams.forget((origin, rid))
             if origin and kind in (REQUEST, CHUNK):  # chunks on the serving side belong to a request
                 self._reply_error(origin, rid, "BadMessage", str(e))
             elif not origin:
@@ -871,95 +689,41 @@ class Endpoint:
                 if future is not None and not future.done():
                     future.set_exception(BadMessage(f"malformed reply: {e}"))
 
-    def _on_head(self, origin: bytes, header: dict, frames: list) -> None:
+    def _on_head(self, origin: bytes, peer: Any, header: dict, frames: list) -> None:
         rid = header["i"]
-        if (origin, rid) in self._incoming:
+        key = (origin, rid)
+        if key in self.streams:
             raise BadMessage(f"request id {rid} is already in use")
         if header["k"] == ERROR:
-            self._complete(origin, _Incoming(header, [], 0, 0))
+            self._complete(origin, Incoming(header, [], 0, 0, peer))
             return
-        sizes, streamed = header.get("L", []), header.get("S", [])
-        if not isinstance(sizes, list) or not all(isinstance(n, int) and n >= 0 for n in sizes):
-            raise BadMessage("buffer sizes must be a list of non-negative integers")
-        if not isinstance(streamed, list) or not all(isinstance(i, int) and 0 <= i < len(sizes) for i in streamed):
-            raise BadMessage("streamed buffer indices out of range")
-        if not isinstance(header.get("b", b""), bytes):
-            raise BadMessage("message body must be bytes")
-        total = sum(sizes)
-        if total > self.max_message_bytes:
-            raise BadMessage(f"declares {total} bytes, more than the {self.max_message_bytes} accepted")
-        streamed_set = set(streamed)
-        inline_frames = frames[1:]
-        if len(inline_frames) != len(sizes) - len(streamed_set):
-            raise BadMessage(f"declares {len(sizes) - len(streamed_set)} inline buffers, carries {len(inline_frames)}")
-        buffers: list[Any] = []
-        frame_iter = iter(inline_frames)
-        missing = 0
-        for index, size in enumerate(sizes):
-            if index in streamed_set:
-                buffers.append(None)
-                missing += size
-                continue
-            frame = next(frame_iter)
-            if len(frame) != size:
-                raise BadMessage(f"buffer {index} declares {size} bytes, carries {len(frame)}")
-            buffers.append(frame.buffer)
-        if missing and self._pending_bytes + missing > self.max_pending_bytes:
-            raise BadMessage(f"too many streamed bytes in flight ({self._pending_bytes + missing})")
-        if streamed_set:
-            import torch  # only streamed (tensor or array) messages need it: DHT-only processes never load it
-
-            into = None if origin else self._into.get(rid)
-            for index in streamed_set:  # allocated lazily by the OS: pages only exist once data arrives
-                try:
-                    target = into(index, sizes[index]) if into is not None else None
-                except Exception:  # a faulty provider costs the call its shortcut, not the reply
-                    logger.exception("receive buffer provider failed")
-                    target = None
-                if not (isinstance(target, torch.Tensor) and target.dtype == torch.uint8 and target.dim() == 1
-                        and target.numel() == sizes[index] and target.is_contiguous()):
-                    target = torch.empty(sizes[index], dtype=torch.uint8)
-                buffers[index] = target
-        incoming = _Incoming(header, buffers, missing, total + len(header.get("b", b"")))
-        self._note_arrival(incoming, header, incoming.nbytes - missing)
-        if missing:
-            self._pending_bytes += missing
-            self._incoming[(origin, rid)] = incoming
-            timeout = header.get("to") if isinstance(header.get("to"), (int, float)) else self.default_timeout
-            incoming.timer = asyncio.get_running_loop().call_later(
-                max(1.0, float(timeout)), self._expire_incoming, (origin, rid)
-            )
+        # a request is budgeted per calling peer, a reply per call of ours (it answers what we asked for)
+        budget = peer if origin else ("reply", rid)
+        incoming = self.streams.read_head(header, frames, budget, None if origin else self._into.get(rid))
+        self._note_arrival(incoming, header, incoming.nbytes - incoming.missing)
+        if incoming.missing:
+            self.streams.begin(key, incoming, self._stream_expired)
         else:
             self._complete(origin, incoming)
 
+    def _stream_expired(self, key: tuple[bytes, int]) -> None:
+        origin, rid = key
+        if not origin:
+            future = self._pending.get(rid)
+            if future is not None and not future.done():
+                future.set_exception(RPCTimeout("the reply's stream stalled"))
+
     def _on_chunk(self, origin: bytes, header: dict, frames: list) -> None:
-        incoming = self._incoming.get((origin, header["i"]))
-        if incoming is None:
-            self.stats["dropped_stray_chunks"] += 1
+        key = (origin, header["i"])
+        got = self.streams.read_chunk(key, header, frames)
+        if got is None:
             return
-        index, offset = header.get("x"), header.get("o")
-        if len(frames) != 2 or not isinstance(index, int) or not isinstance(offset, int):
-            raise BadMessage("a chunk needs a buffer index, an offset and one data frame")
-        streamed = incoming.header.get("S", ())
-        if not 0 <= index < len(incoming.buffers) or index not in streamed:
-            raise BadMessage(f"chunk for buffer {index}, which is not streamed")
-        target = incoming.buffers[index]  # a uint8 torch tensor made by _on_head
-        data = frames[1]
-        size = len(data)
-        if offset < 0 or offset + size > target.numel() or size > incoming.missing:
-            raise BadMessage(f"chunk of {size} bytes at {offset} overflows buffer {index}")
-        if size:
-            target[offset : offset + size].numpy()[:] = memoryview(data.buffer)
-        incoming.missing -= size
-        self._pending_bytes -= size
+        incoming, size = got
         self._note_arrival(incoming, header, size)
         if incoming.missing == 0:
-            del self._incoming[(origin, header["i"])]
-            if incoming.timer:
-                incoming.timer.cancel()
             self._complete(origin, incoming)
 
-    def _note_arrival(self, incoming: _Incoming, header: dict, nbytes: int) -> None:
+    def _note_arrival(self, incoming: Incoming, header: dict, nbytes: int) -> None:
         if not self.links.shaped:
             return
         src, sent_at = header.get("src"), header.get("t")
@@ -969,7 +733,7 @@ class Endpoint:
             incoming.dropped = True
         incoming.release_at = max(incoming.release_at, self.links.arrival(src, float(sent_at), nbytes))
 
-    def _complete(self, origin: bytes, incoming: _Incoming) -> None:
+    def _complete(self, origin: bytes, incoming: Incoming) -> None:
         if incoming.dropped:
             self.stats["dropped_by_link"] += 1
             return
@@ -980,11 +744,11 @@ class Endpoint:
         else:
             self._deliver(origin, incoming)
 
-    def _deliver_held(self, origin: bytes, incoming: _Incoming) -> None:
+    def _deliver_held(self, origin: bytes, incoming: Incoming) -> None:
         self.lateness.add(time.monotonic() - incoming.release_at)
         self._deliver(origin, incoming)
 
-    def _deliver(self, origin: bytes, incoming: _Incoming) -> None:
+    def _deliver(self, origin: bytes, incoming: Incoming) -> None:
         if self._closed:
             return
         if origin:
@@ -996,42 +760,6 @@ class Endpoint:
         future = self._pending.get(incoming.header["i"])
         if future is not None and not future.done():
             future.set_result(incoming)
-
-    def _expire_incoming(self, key: tuple[bytes, int]) -> None:
-        if key in self._incoming:
-            self.stats["expired_streams"] += 1
-            self._forget_incoming(key)
-
-    def _forget_incoming(self, key: tuple[bytes, int]) -> None:
-        incoming = self._incoming.pop(key, None)
-        if incoming is not None:
-            self._pending_bytes -= incoming.missing
-            if incoming.timer:
-                incoming.timer.cancel()
-
-
-def _tune(sock: zmq.Socket) -> None:
-    sock.setsockopt(zmq.SNDHWM, SEND_QUEUE)
-    sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
-    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)  # the kernel's defaults halve bulk throughput on loopback
-    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
-
-
-def _close_monitored(
-    sock: zmq.Socket, monitor: zmq.Socket, io: _SocketIO | None = None, monitor_io: _SocketIO | None = None
-) -> None:
-    if not sock.closed:
-        try:
-            sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-    for driver in (io, monitor_io):
-        if driver is not None:
-            driver.close()
-    if not sock.closed:
-        sock.close(0)
-    if not monitor.closed:
-        monitor.close(0)
 
 
 def _loop_time(deadline: float) -> float:
@@ -1045,12 +773,7 @@ def _expire(future: asyncio.Future) -> None:
         future.set_exception(asyncio.TimeoutError())
 
 
-def _frame(buffer: Any) -> Any:
-    """A 1-D uint8 tensor as a frame ZeroMQ can send without copying."""
-    return memoryview(buffer.numpy()) if buffer.numel() else b""
-
-
-def _decode_reply(address: str, method: str, incoming: _Incoming) -> Any:
+def _decode_reply(address: str, method: str, incoming: Incoming) -> Any:
     """The reply a call gets, or the typed error its peer answered with."""
     header = incoming.header
     if header["k"] not in (REPLY, ERROR):
@@ -1064,6 +787,13 @@ def _decode_reply(address: str, method: str, incoming: _Incoming) -> Any:
         return unpack(header.get("b", b""), incoming.buffers)
     except BadMessage as e:
         raise BadMessage(f"bad reply to {method!r} from {address}: {e}") from None
+
+
+def _quiet(future: asyncio.Future) -> asyncio.Future:
+    """Mark ``future``'s exception as retrieved once it is done: a lookup that abandoned it (churn) must not
+    leave "exception was never retrieved" on stderr; whoever still awaits it gets the exception as usual."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
 
 
 def _error_fields(header: dict) -> tuple[str, str]:

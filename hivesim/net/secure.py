@@ -108,7 +108,7 @@ class _Authenticator:
     """
 
     def __init__(self, context: zmq.Context) -> None:
-        self.socket = context.socket(zmq.REP)
+        self.socket = zmq.Socket(context, zmq.REP)  # a plain socket: the asyncio context would make an async one
         self.socket.linger = 0
         self.socket.bind("inproc://zeromq.zap.01")
         self.thread = threading.Thread(target=self._serve, name="hivesim-zap", daemon=True)
