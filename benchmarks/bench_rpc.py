@@ -1,10 +1,12 @@
 """RPC speed between two processes on loopback, beside a plain TCP socket measured in the same run.
 
-    python benchmarks/bench_rpc.py [--sizes-mb 1 64 512] [--calls 2000] [--repeats 3]
+    python benchmarks/bench_rpc.py [--sizes-mb 1 64 512] [--calls 2000] [--repeats 3] [--encryption on off]
 
 Prints small-call round-trip latency and calls/s with 1 and 64 concurrent callers, and tensor
-throughput (one way: the reply is empty) for each size, with the ratio to a raw socket ``sendall``.
-Goals (issue 2): a 64 MB tensor at >= 50% of raw loopback throughput; small-call round trip < 0.5 ms.
+throughput (one way: the reply is empty) for each size, with the ratio to a raw socket ``sendall``,
+for each encryption setting asked for (``on``: CurveZMQ, the default of every endpoint; ``off``: plain
+ZeroMQ, what a simulation may choose), and the cost of encryption as the ratio between the two.
+Goals: a 64 MB tensor at >= 50% of raw loopback throughput; small-call round trip < 0.5 ms (unencrypted).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from hivesim.net import Endpoint
 MB = 1 << 20
 
 
-def serve_rpc(conn) -> None:
+def serve_rpc(conn, encryption: bool) -> None:
     async def main() -> None:
-        endpoint = await Endpoint().start()
+        endpoint = await Endpoint(encryption=encryption).start()
         endpoint.register("ping", lambda payload, ctx: payload)
         endpoint.register("sink", lambda payload, ctx: None)
         conn.send(endpoint.address)
@@ -77,9 +79,9 @@ def raw_throughput(sizes: list[int], repeats: int) -> dict[tuple[str, int], floa
     return result
 
 
-async def rpc_measurements(address: str, sizes: list[int], calls: int, repeats: int) -> dict:
+async def rpc_measurements(address: str, sizes: list[int], calls: int, repeats: int, encryption: bool) -> dict:
     out: dict = {}
-    async with Endpoint() as client:
+    async with Endpoint(encryption=encryption) as client:
         await client.call(address, "ping", 0)
         for concurrency in (1, 64):
             per_worker = max(1, calls // concurrency)
@@ -112,24 +114,45 @@ def main() -> None:
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 64, 512])
     parser.add_argument("--calls", type=int, default=2000, help="small calls per concurrency level")
     parser.add_argument("--repeats", type=int, default=3, help="transfers per size (best is reported)")
+    parser.add_argument("--encryption", nargs="+", choices=("on", "off"), default=["on", "off"],
+                        help="settings to measure (default both, and their ratio)")
     args = parser.parse_args()
     sizes = [mb * MB for mb in args.sizes_mb]
 
     raw = raw_throughput(sizes, args.repeats)
+    results = {setting: measure(setting == "on", sizes, args) for setting in args.encryption}
+
+    print(f"hivesim RPC between two processes on loopback (torch {torch.__version__})")
+    for setting, rpc in results.items():
+        report(f"encryption {setting}", rpc, raw, sizes)
+    if set(results) == {"on", "off"}:
+        on, off = results["on"], results["off"]
+        print()
+        print("cost of encryption (on / off)")
+        for concurrency in (1, 64):
+            print(f"  small calls, {concurrency} concurrent: RTT x{on[('small', concurrency)][0] / off[('small', concurrency)][0]:.2f}, "
+                  f"calls/s x{on[('small', concurrency)][1] / off[('small', concurrency)][1]:.2f}")
+        for size in sizes:
+            print(f"  {size // MB} MB tensor: throughput x{on[('bulk', size)] / off[('bulk', size)]:.2f}")
+
+
+def measure(encryption: bool, sizes: list[int], args: argparse.Namespace) -> dict:
     parent, child = mp.Pipe()
-    server = mp.get_context("spawn").Process(target=serve_rpc, args=(child,))
+    server = mp.get_context("spawn").Process(target=serve_rpc, args=(child, encryption))
     server.start()
     try:
         address = parent.recv()
-        rpc = asyncio.run(rpc_measurements(address, sizes, args.calls, args.repeats))
+        return asyncio.run(rpc_measurements(address, sizes, args.calls, args.repeats, encryption))
     finally:
         parent.send("stop")
         server.join(10)
         if server.is_alive():
             server.kill()
 
-    print(f"hivesim RPC between two processes on loopback (torch {torch.__version__})")
+
+def report(title: str, rpc: dict, raw: dict, sizes: list[int]) -> None:
     print()
+    print(f"== {title}")
     print(f"{'small calls':<24}{'median RTT':>14}{'calls/s':>12}")
     for concurrency in (1, 64):
         rtt, rate = rpc[("small", concurrency)]
@@ -144,7 +167,7 @@ def main() -> None:
     rtt1 = rpc[("small", 1)][0]
     print()
     print(f"goal: small-call RTT < 0.5 ms -> {rtt1 * 1e3:.3f} ms ({'met' if rtt1 < 0.5e-3 else 'NOT met'})")
-    if ("reused", 64 * MB) in raw:
+    if ("reused", 64 * MB) in raw and ("bulk", 64 * MB) in rpc:
         ratio = rpc[("bulk", 64 * MB)] / raw[("reused", 64 * MB)]
         print(f"goal: 64 MB at >= 50% of raw loopback -> {ratio:.0%} ({'met' if ratio >= 0.5 else 'NOT met'})")
 
