@@ -33,6 +33,7 @@ import torch
 
 from hivesim.averaging.matchmaking import BadRequest, BanList, GroupInfo
 from hivesim.averaging.partition import part_sizes
+from hivesim.averaging.robust import Aggregation, aggregate
 from hivesim.net.codecs import NONE, Codec, get_codec
 from hivesim.net.errors import PeerUnreachable, RPCError, RPCTimeout
 from hivesim.net.rpc import CallContext, Endpoint
@@ -61,6 +62,8 @@ def decode(wire: Any, expected: int) -> torch.Tensor:
         out = codec.decode(data, wire["m"], torch.float32, (expected,))
     except Exception as e:
         raise BadRequest(f"cannot decode the part: {e}") from None
+    if not bool(torch.isfinite(out).all()):
+        raise BadRequest("the part holds NaN or infinite values")
     return out
 
 
@@ -90,6 +93,9 @@ class Reduction:
     hook_task: asyncio.Task | None = None
     serving: int = 0  # contribution handlers of this round still running
     finished: bool = False  # this member's own run of the round is over
+    aggregation: Aggregation = field(default_factory=Aggregation)
+    contributions: list[tuple[float, torch.Tensor]] = field(default_factory=list)  # robust rules: kept, not summed
+    closing: bool = False  # no contribution is taken any more (a robust result is being computed)
 
     def release(self) -> None:
         """Drop the round's tensors once nothing uses them any more. The last rounds stay known (late
@@ -97,6 +103,7 @@ class Reduction:
         of the model per averager."""
         if self.finished and self.serving == 0:
             self.local = self.accumulated = self.result = None
+            self.contributions = []
 
     @property
     def my_index(self) -> int:
@@ -128,14 +135,16 @@ class RoundReport:
 class AllReduce:
     """Runs rounds and serves other members' contributions (one per averager, on its endpoint)."""
 
-    def __init__(self, endpoint: Endpoint, name: str, bans: BanList, hook: FaultHook | None = None) -> None:
+    def __init__(self, endpoint: Endpoint, name: str, bans: BanList, hook: FaultHook | None = None,
+                 aggregation: "str | Aggregation | None" = None) -> None:
         self.endpoint = endpoint
         self.name = name
         self.bans = bans
         self.hook = hook
+        self.aggregation = Aggregation.of(aggregation)  # how this member reduces its part
         self.rounds: OrderedDict[bytes, Reduction] = OrderedDict()
         self._expected: dict[bytes, asyncio.Event] = {}
-        self.stats = {"late_contributions": 0, "bad_contributions": 0}
+        self.stats = {"late_contributions": 0, "bad_contributions": 0, "bad_replies": 0, "impostor_parts": 0}
 
     @property
     def method(self) -> str:
@@ -160,16 +169,21 @@ class AllReduce:
         me = group.my_index
         senders = {i for i, m in enumerate(group.members) if not m["aux"]}
         start, end = part_bounds(sizes, me)
-        if contribute and weight == 1.0:  # the common case accumulates in place: no fresh memory to fault in
+        robust = self.aggregation.robust
+        if robust:  # contributions are kept whole and combined at the end
+            accumulated = None
+        elif contribute and weight == 1.0:  # the common case accumulates in place: no fresh memory to fault in
             accumulated = flat[start:end]
         else:  # (a weight-0 contribution must not wipe the local values that stand in if nobody else sends)
             accumulated = torch.zeros(sizes[me], dtype=torch.float32)
             if contribute:
                 accumulated.add_(flat[start:end], alpha=weight)
-        state = Reduction(group, sizes, flat, weight, codec, senders, accumulated)
+        state = Reduction(group, sizes, flat, weight, codec, senders, accumulated, aggregation=self.aggregation)
         if contribute:
             state.weight_sum += weight
             state.contributed.add(me)
+            if robust and weight > 0:
+                state.contributions.append((weight, flat[start:end]))
         else:
             state.senders.discard(me)
         self.rounds[group.group_id] = state
@@ -220,7 +234,12 @@ class AllReduce:
                 failed.append(j)
                 self.bans.ban(member["id"])
                 self._give_up(state, j)
-            except (RPCError, BadRequest) as e:
+            except BadRequest as e:  # the reducer's answer is unusable (malformed, wrong size, not finite)
+                logger.debug("member %d (%s) answered with a bad part: %r", j, member["addr"], e)
+                self.stats["bad_replies"] += 1
+                failed.append(j)
+                self.bans.ban(member["id"])
+            except RPCError as e:
                 logger.debug("member %d (%s) could not average our part: %r", j, member["addr"], e)
                 failed.append(j)
             if used and j in failed:
@@ -260,15 +279,39 @@ class AllReduce:
                 self._finalize(state)
 
     def _finalize(self, state: Reduction) -> None:
-        if state.done.is_set():
+        if state.done.is_set() or state.closing:
             return
+        state.closing = True
         if state.timer:
             state.timer.cancel()
-        if state.weight_sum > 0:
+        if state.aggregation.robust and state.contributions:
+            task = asyncio.get_running_loop().create_task(self._robust_result(state))
+            state.hook_task = task  # awaited (shielded) by whoever waits for the result
+            return
+        if state.weight_sum > 0 and state.accumulated is not None:
             state.result = state.accumulated.div_(state.weight_sum)
         else:
             start, end = state.bounds(state.my_index)
             state.result = state.local[start:end] if state.my_index in state.senders else None
+        self._publish(state)
+
+    async def _robust_result(self, state: Reduction) -> None:
+        """Combine the kept contributions by the robust rule (off the loop for big parts), then publish."""
+        weights = torch.tensor([w for w, _ in state.contributions], dtype=torch.float32)
+        stacked = torch.stack([c for _, c in state.contributions])
+        try:
+            state.result = await offload(aggregate, stacked, weights, state.aggregation, numel=stacked.numel())
+        except Exception:  # a bug here must not hang the round: fall back to the local values
+            logger.exception("robust aggregation failed")
+            start, end = state.bounds(state.my_index)
+            state.result = state.local[start:end] if state.local is not None else None
+        state.contributions = []
+        state.hook_task = None
+        self._publish(state)
+        if state.hook_task is not None:
+            await state.hook_task
+
+    def _publish(self, state: Reduction) -> None:
         if self.hook is not None:
             state.hook_task = asyncio.get_running_loop().create_task(self.hook("reduced", state))
         state.done.set()
@@ -290,6 +333,9 @@ class AllReduce:
         me = state.my_index
         if sender == me or sender not in state.senders:
             raise BadRequest(f"member {sender} does not contribute to this part")
+        if ctx.peer_id is not None and ctx.peer_id != state.group.members[sender]["id"]:
+            self.stats["impostor_parts"] += 1  # a part is from whoever the connection proved, not the payload
+            raise BadRequest(f"you are not member {sender} of this group")
         if sender in state.contributed:
             raise BadRequest(f"member {sender} already contributed")
         state.serving += 1
@@ -301,15 +347,23 @@ class AllReduce:
 
     async def _reduce_part(self, state: Reduction, sender: int, weight: float, payload: dict[str, Any],
                            ctx: CallContext) -> dict[str, Any]:
-        part = await offload(decode, payload.get("part"), state.sizes[state.my_index])
-        if state.done.is_set():
+        try:
+            part = await offload(decode, payload.get("part"), state.sizes[state.my_index])
+        except BadRequest:
+            self.stats["bad_contributions"] += 1
+            raise
+        if state.done.is_set() or state.closing:
             self.stats["late_contributions"] += 1
             raise BadRequest("too late: this part was already averaged without you")
         async with state.lock:
-            if state.done.is_set():
+            if state.done.is_set() or state.closing:
                 self.stats["late_contributions"] += 1
                 raise BadRequest("too late: this part was already averaged without you")
-            await offload(state.accumulated.add_, part, alpha=weight, numel=part.numel())
+            if state.aggregation.robust:
+                if weight > 0:
+                    state.contributions.append((weight, part))
+            else:
+                await offload(state.accumulated.add_, part, alpha=weight, numel=part.numel())
             del part  # give a big contribution's memory back before waiting for the others
             payload.pop("part", None)
             state.weight_sum += weight
