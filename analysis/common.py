@@ -28,7 +28,15 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 def run_start(run: dict[str, Any]) -> float:
-    """Wall time the workload started: the earliest sample or event."""
+    """Wall time of the run's t = 0 (the schedule's zero, ``summary.json``'s ``clock_zero``), so that a
+    figure's time axis is the run's clock: a kill scheduled ``at: 15`` is drawn at 15 s. Folders written
+    before ``clock_zero`` existed: recovered from an event's wall and run-clock times, else the earliest sample."""
+    zero = run.get("summary", {}).get("clock_zero")
+    if zero:
+        return float(zero)
+    recovered = [e["wall"] - e["actual_t"] for e in run["events"] if "wall" in e and "actual_t" in e]
+    if recovered:
+        return min(recovered)
     times = [s["t"] for s in run["samples"]] + [e["wall"] for e in run["events"] if "wall" in e]
     return min(times) if times else 0.0
 

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value", help="override topology keys, e.g. duration=20 groups.nodes.count=32")
     run.add_argument("--results-dir", help="where the run's folder goes (default: the topology's results_dir, 'results')")
     run.add_argument("--address", help="an existing Ray cluster ('auto'): link shaping off, peers placed by resources")
-    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--quiet", action="store_true", help="no progress display; print only the results folder (stdout)")
 
     peer = commands.add_parser("peer", help="run one real peer without Ray (e.g. a volunteer joining a live run)")
     peer.add_argument("--config", help="peer YAML: name, roles, host, port, advertise_host, dht options")
@@ -77,37 +77,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hivesim.sim.runner import run
+    """Exit status: 0 done, 2 a topology/cluster problem found before anything started (nothing written),
+    1 the run failed after it started, 130 interrupted (Ctrl-C); the last two still write the results folder."""
+    from hivesim.sim.runner import RunFailed, RunInterrupted, run
 
-    run(args.topology, args.overrides, results_dir=args.results_dir, address=args.address, progress=not args.quiet)
+    try:
+        run_dir = run(args.topology, args.overrides, results_dir=args.results_dir, address=args.address,
+                      progress=not args.quiet)
+    except RunInterrupted as e:
+        print(f"hivesim run: interrupted; partial results in {e.run_dir}", file=sys.stderr)
+        if args.quiet:
+            print(e.run_dir, flush=True)
+        return 130
+    except RunFailed as e:
+        print(f"hivesim run: error: the run failed: {e}", file=sys.stderr)
+        if args.quiet:
+            print(e.run_dir, flush=True)
+        return 1
+    if args.quiet:
+        print(run_dir, flush=True)  # the one line a script needs: where the results are
     return 0
 
 
 def _peer(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
+    from hivesim.dht.facade import normalize_initial_peers
     from hivesim.net.identity import Identity
     from hivesim.peer import Peer
+    from hivesim.sim.topology import load_peer_config
 
-    config: dict[str, Any] = {}
-    if args.config:
-        loaded = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: a peer config is a mapping (name, roles, host, port, dht)")
-        config = loaded
-    unknown = set(config) - {"name", "roles", "host", "port", "advertise_host", "dht", "endpoint"}
-    if unknown:
-        raise ValueError(f"{args.config}: unknown keys {sorted(unknown)}; allowed: name, roles, host, port, advertise_host, dht, endpoint")
-    for key in ("host", "port", "advertise_host"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
+    # the config's keys, its roles (they import, their parameters fit) and options, before binding anything
+    config = load_peer_config(args.config, {k: getattr(args, k) for k in ("host", "port", "advertise_host")})
+    initial_peers = normalize_initial_peers(args.initial_peers)
     identity = Identity.load_or_create(args.identity) if args.identity else None
 
     async def serve() -> None:
-        peer = Peer(config.get("name", "volunteer"), config.get("roles"), host=config.get("host", "127.0.0.1"),
-                    port=int(config.get("port", 0)), advertise_host=config.get("advertise_host"), identity=identity,
-                    dht=config.get("dht"), endpoint=config.get("endpoint"))
-        await peer.start(args.initial_peers)
+        peer = Peer(config.name, config.roles, host=config.host, port=config.port, advertise_host=config.advertise_host,
+                    identity=identity, dht=config.dht, endpoint=config.endpoint)
+        await peer.start(initial_peers)
         print(f"hivesim peer {peer.name} is up at {peer.address}", flush=True)
         print(f"  others join with: hivesim peer --initial-peers {peer.address}", flush=True)
         await _wait_for_signal(args.duration)

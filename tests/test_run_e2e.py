@@ -61,6 +61,13 @@ def test_run_writes_results_and_survives_churn(first_run, tmp_path):
     assert summary["shaper"]["held_messages"] > 0 and summary["shaper"]["mean_late_ms"] < 20
 
     events = [e for e in read(run_dir / "events.jsonl")]
+    # one clock: the schedule's zero is recorded, and the figures' time axis starts there (issue 16: a kill
+    # scheduled at 3 s was drawn where the first sample happened to be)
+    from analysis.common import load_run, run_start
+
+    assert summary["clock_zero"] and run_start(load_run(run_dir)) == summary["clock_zero"]
+    for e in events:
+        assert abs(e["wall"] - summary["clock_zero"] - e["actual_t"]) < 0.05, e
     assert [(e["action"], e["peer"]) for e in events] == [
         ("kill", "left.1"), ("kill", "right.2"), ("kill", "left.2"), ("join", "left.1"), ("join", "right.2")
     ]
@@ -94,3 +101,58 @@ def test_bad_topology_is_a_clear_error_not_a_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "hivesim.cli", "run", str(topology)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "bad.yaml:5: groups.left.count" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_figures_use_the_run_clock(tmp_path):
+    """A kill at 15 s on the run's clock is drawn at 15 s, whenever the first sample came."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.common import load_run, mark_events, run_start
+
+    zero = 1_700_000_000.0
+    (tmp_path / "summary.json").write_text(json.dumps({"name": "t", "clock_zero": zero}))
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"t": zero + 15.8, "name": "lookup", "value": 0.01}) + "\n")
+    (tmp_path / "events.jsonl").write_text(json.dumps({"t": 15, "action": "kill", "peer": "a.0", "actual_t": 15.02,
+                                                       "wall": zero + 15.02}) + "\n")
+    run = load_run(tmp_path)
+    assert run_start(run) == zero
+    fig, ax = plt.subplots()
+    mark_events(ax, run, run_start(run))
+    assert abs(ax.lines[0].get_xdata()[0] - 15.02) < 1e-6
+    plt.close(fig)
+    (tmp_path / "summary.json").write_text(json.dumps({"name": "t"}))  # a folder from before clock_zero
+    assert abs(run_start(load_run(tmp_path)) - zero) < 1e-6
+
+
+def test_quiet_run_prints_its_folder_and_ctrl_c_exits_130(tmp_path):
+    """--quiet printed nothing at all, and an interrupted run exited 0."""
+    import signal
+    import time
+
+    topology = tmp_path / "long.yaml"
+    topology.write_text(TOPOLOGY.replace("duration: 8", "duration: 120"))
+    results = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "hivesim.cli", "run", str(topology), "--quiet", "--results-dir", str(results)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = list(results.glob("*/samples.jsonl"))
+            if found and found[0].stat().st_size > 0:  # the workload runs and its samples are being collected
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    (run_dir,) = results.iterdir()
+    assert out.strip().splitlines()[-1] == str(run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["interrupted"] is True
+    assert "Traceback" not in err

@@ -40,7 +40,7 @@ from hivesim.sim.actor import PeerHost
 from hivesim.sim.network import LatencyModel, emulated_bandwidth, link_params
 from hivesim.sim.progress import Progress
 from hivesim.sim.schedule import Event, build_schedule
-from hivesim.sim.topology import Topology, TopologyError, load_topology
+from hivesim.sim.topology import Topology, TopologyError, check_runnable, load_topology
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,31 @@ class RunData:
     samples: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     peers: list[dict[str, Any]] = field(default_factory=list)
-    started_at: float = 0.0
+    started_at: float = 0.0  # wall time (time.time()) of the schedule's t = 0: the run's clock
+
+    def clock(self, wall: float) -> float:
+        """Seconds on the run's clock (the schedule's time) of a wall-clock timestamp."""
+        return wall - self.started_at
 
     def named(self, name: str) -> list[dict[str, Any]]:
         return [s for s in self.samples if s["name"] == name]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run was interrupted (Ctrl-C); what was collected is in ``run_dir``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(f"interrupted; partial results in {run_dir}")
+        self.run_dir = run_dir
+
+
+class RunFailed(RuntimeError):
+    """The run failed after it started; what was collected is in ``run_dir``, the cause in ``__cause__``."""
+
+    def __init__(self, run_dir: Path, error: BaseException) -> None:
+        super().__init__(f"{error if str(error) else repr(error)} (partial results in {run_dir})")
+        self.run_dir = run_dir
+        self.error = error
 
 
 @dataclass
@@ -74,8 +95,14 @@ class _Slot:
 
 def run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, results_dir: str | None = None,
         address: str | None = None, progress: bool = True) -> Path:
-    """Run the topology at ``path``; returns the results folder."""
+    """Run the topology at ``path``; returns the results folder.
+
+    Everything the run will import or instantiate is checked first (:func:`check_runnable`), and the
+    cluster's resources against what the actors ask; those problems raise :class:`TopologyError` before
+    any actor starts or any folder is made. Later, :class:`RunInterrupted` (Ctrl-C) and :class:`RunFailed`
+    come after the results folder was written."""
     topology, resolved = load_topology(path, overrides)
+    check_runnable(topology, path, overrides)
     runner = Runner(topology, resolved, Path(path), results_dir=results_dir, address=address, progress=progress)
     return asyncio.run(runner.run())
 
@@ -104,23 +131,28 @@ class Runner:
 
     async def run(self) -> Path:
         topology = self.topology
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         schedule = build_schedule(topology)
         latency, link_kwargs, stragglers = link_params(topology, topology.seed) if self.shaping else (None, {}, {})
         self.summary["host"] = await self._check_host_bandwidth(link_kwargs)
+        try:
+            self._start_ray()
+            self._check_resources()
+        except BaseException:
+            self._shutdown_ray()
+            raise
+        # only now, with everything checked, does the run leave a folder behind
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         self._events = open(self.run_dir / "events.jsonl", "w")
         self._samples = open(self.run_dir / "samples.jsonl", "w")
         interrupted = False
         error: BaseException | None = None
         wall = time.time()
         try:
-            self._start_ray()
             self.progress.note(f"starting {len(topology.peer_names())} peers")
             await self._create_slots(latency, link_kwargs, stragglers)
             await self._bootstrap()
             await self._start_workload(list(self.slots))
-            self.data.started_at = time.time()
             await self._main_loop(schedule)
         except (KeyboardInterrupt, asyncio.CancelledError):
             interrupted = True
@@ -139,8 +171,10 @@ class Runner:
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str))
         figures = self._figures()
         self.progress.done(self.summary, self.run_dir, figures)
+        if interrupted:
+            raise RunInterrupted(self.run_dir)
         if error is not None:
-            raise error
+            raise RunFailed(self.run_dir, error) from error
         return self.run_dir
 
     def _start_ray(self) -> None:
@@ -161,6 +195,54 @@ class Runner:
     def _shutdown_ray(self) -> None:
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
+
+    def _demand(self) -> tuple[dict[str, float], list[tuple[str, dict[str, float]]]]:
+        """What the topology's actors ask of Ray: in total, and one actor of each group."""
+        total: dict[str, float] = defaultdict(float)
+        per_actor = []
+        for name, spec in self.topology.groups.items():
+            one = {"CPU": spec.num_cpus, **{k: float(v) for k, v in spec.resources.items() if k != "CPU"}}
+            per_actor.append((name, one))
+            for key, value in one.items():
+                total[key] += value * math.ceil(spec.count / spec.peers_per_actor)
+        return dict(total), per_actor
+
+    def _check_resources(self) -> None:
+        """Refuse, up front and with what is missing, a topology whose actors the cluster cannot hold
+        (Ray would leave them pending forever); warn when they fit but the cluster is busy right now."""
+        total, per_actor = self._demand()
+        have = ray.cluster_resources()
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        problems = []
+        for key, need in sorted(total.items()):
+            if need > have.get(key, 0.0) + 1e-9:
+                groups = ", ".join(f"{g}: {math.ceil(s.count / s.peers_per_actor)} actors x {one.get(key, 0):g}"
+                                   for (g, one), s in zip(per_actor, self.topology.groups.values()) if one.get(key))
+                problems.append(f"{need:g} {key} ({groups}), the cluster has {have.get(key, 0.0):g}")
+        for group, one in per_actor:
+            if nodes and not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in one.items()) for node in nodes):
+                problems.append(f"one actor of group {group!r} asks for {_fmt_resources(one)}, "
+                                "which no single node of the cluster has")
+        if problems:
+            raise TopologyError(
+                "the cluster cannot hold this topology's actors: it asks for " + "; ".join(problems)
+                + ". Add nodes or resources, or lower groups.<name>.num_cpus / raise peers_per_actor / fewer peers "
+                "(cluster: " + _fmt_resources(have) + ")")
+        free = ray.available_resources()
+        short = [k for k, need in total.items() if need > free.get(k, 0.0) + 1e-9]
+        if short:
+            self.progress.note(f"the cluster is busy: {', '.join(short)} not free for every actor now "
+                               f"({_fmt_resources(free)} free); actors that cannot be placed within "
+                               f"{self.topology.actor_timeout:g} s fail the run")
+
+    async def _bounded(self, awaitable: Any, what: str, timeout: float | None = None) -> Any:
+        """Await an actor call for at most ``timeout`` (default ``actor_timeout``) seconds: a stuck actor
+        fails the run with a message instead of hanging it."""
+        timeout = self.topology.actor_timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(_awaitable(awaitable), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{what} did not finish within {timeout:g} s (topology key actor_timeout)") from None
 
     async def _check_host_bandwidth(self, link_kwargs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Refuse a topology whose shaped links together would move more than this host can."""
@@ -190,7 +272,17 @@ class Runner:
                     self.slots[name] = _Slot(name, group, host, identity=Identity().private_bytes())
         self._link_kwargs = link_kwargs
         self._stragglers = stragglers
-        await asyncio.gather(*(h.ready.remote() for h in self.hosts))
+        waiting = [asyncio.ensure_future(_awaitable(h.ready.remote())) for h in self.hosts]
+        done, pending = await asyncio.wait(waiting, timeout=self.topology.actor_timeout)
+        for future in pending:
+            future.cancel()
+        if pending:
+            free = _fmt_resources(ray.available_resources())
+            raise TimeoutError(
+                f"{len(pending)} of {len(waiting)} peer actors did not start within {self.topology.actor_timeout:g} s "
+                f"(actor_timeout): Ray could not place them (free now: {free}); see 'ray status'")
+        for future in done:
+            future.result()  # an actor that died while starting
 
     def _new_host(self, group: str) -> Any:
         spec = self.topology.groups[group]
@@ -215,7 +307,8 @@ class Runner:
         }
 
     async def _start_peer(self, slot: _Slot, initial: list[str]) -> None:
-        slot.address = await slot.host.start_peer.remote(slot.name, self._peer_spec(slot), initial)
+        slot.address = await self._bounded(slot.host.start_peer.remote(slot.name, self._peer_spec(slot), initial),
+                                           f"starting peer {slot.name}")
         slot.alive = True
         slot.incarnation += 1
 
@@ -243,10 +336,14 @@ class Runner:
         spec = self.topology.workload
         role = f"{spec.module}:ROLE"
         chosen = [n for n in names if spec.groups is None or self.slots[n].group in spec.groups]
-        await asyncio.gather(*(self.slots[n].host.add_role.remote(n, role, spec.params) for n in chosen if self.slots[n].alive))
+        await self._bounded(
+            asyncio.gather(*(_awaitable(self.slots[n].host.add_role.remote(n, role, spec.params))
+                             for n in chosen if self.slots[n].alive)),
+            f"starting the workload on {len(chosen)} peers")
 
     async def _main_loop(self, schedule: list[Event]) -> None:
         start = time.monotonic()
+        self.data.started_at = time.time()  # the same instant as ``start``: events, samples and figures share it
         pending = list(schedule)
         next_collect = start + self.topology.collect_every
         while True:
@@ -311,7 +408,8 @@ class Runner:
                 await self._rejoin(self.slots[event.peer], same_identity=event.identity == "same")
             elif event.action in ("partition", "heal"):
                 sides = {p: 1 for p in event.peers} if event.action == "partition" else {}
-                await asyncio.gather(*(h.set_sides.remote(sides) for h in self._live_hosts()))
+                await self._bounded(asyncio.gather(*(_awaitable(h.set_sides.remote(sides)) for h in self._live_hosts())),
+                                    f"{event.action} on every actor")
             record["ok"] = True
         except Exception as e:
             record["ok"] = False
@@ -324,7 +422,7 @@ class Runner:
             return
         alone = sum(1 for s in self.slots.values() if s.host is slot.host and s.alive) == 1
         if graceful or not alone:
-            await slot.host.stop_peer.remote(slot.name, graceful)
+            await self._bounded(slot.host.stop_peer.remote(slot.name, graceful), f"stopping peer {slot.name}")
             await self._collect([slot.host])
         else:
             await self._collect([slot.host])  # its metrics must not die with it
@@ -338,7 +436,7 @@ class Runner:
             return
         if slot.host is None:
             slot.host = self._new_host(slot.group)
-            await slot.host.ready.remote()
+            await self._bounded(slot.host.ready.remote(), f"starting an actor for {slot.name} (can Ray place it?)")
         if not same_identity:
             slot.identity = Identity().private_bytes()
         live = [s.address for s in self.slots.values() if s.alive]
@@ -350,7 +448,8 @@ class Runner:
 
     async def _collect(self, hosts: list[Any] | None = None) -> None:
         hosts = hosts if hosts is not None else self._live_hosts()
-        results = await asyncio.gather(*(h.drain.remote() for h in hosts), return_exceptions=True)
+        results = await asyncio.gather(*(self._bounded(h.drain.remote(), "collecting metrics") for h in hosts),
+                                       return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 logger.warning("could not collect metrics from an actor: %r", result)
@@ -378,10 +477,11 @@ class Runner:
         hosts = self._live_hosts()
         if not hosts:
             return
-        memory = await asyncio.gather(*(h.memory.remote() for h in hosts), return_exceptions=True)
+        memory = await asyncio.gather(*(self._bounded(h.memory.remote(), "memory") for h in hosts), return_exceptions=True)
         self.summary["actors"] = [m for m in memory if isinstance(m, dict)]
         await self._collect(hosts)
-        await asyncio.gather(*(h.stop_all.remote(True) for h in hosts), return_exceptions=True)
+        await asyncio.gather(*(self._bounded(h.stop_all.remote(True), "stopping peers") for h in hosts),
+                             return_exceptions=True)
         await self._collect(hosts)
         for host in hosts:
             ray.kill(host, no_restart=True)
@@ -409,6 +509,7 @@ class Runner:
             "peers": len(self.slots),
             "actors_at_end": len(actors),  # abruptly killed peers take their actor with them
             "duration_s": self.topology.duration,
+            "clock_zero": self.data.started_at or None,  # wall time of the schedule's t = 0 (figures use it)
             "wall_time_s": round(wall, 1),
             "finished_early_s": self.summary.get("finished_early_s"),
             "interrupted": interrupted,
@@ -441,6 +542,16 @@ class Runner:
         except Exception as e:
             logger.warning("figures failed: %r", e)
             return []
+
+
+async def _awaitable(ref: Any) -> Any:
+    """A coroutine awaiting a Ray ObjectRef (or any awaitable), for ``asyncio.wait_for``/``asyncio.wait``."""
+    return await ref
+
+
+def _fmt_resources(resources: dict[str, float]) -> str:
+    shown = {k: v for k, v in resources.items() if not k.startswith(("node:", "memory", "object_store_memory", "accelerator_type"))}
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(shown.items())) or "nothing"
 
 
 def _load_workload(module_name: str) -> Any:

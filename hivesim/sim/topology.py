@@ -11,12 +11,12 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class TopologyError(ValueError):
@@ -49,11 +49,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _roles_shape(value: Any) -> Any:
+    """``roles: [averager, trainer]``, ``roles: {averager: {size: 10}}`` or ``roles: [{averager: {size: 10}}, trainer]``;
+    one clear message for anything else (pydantic would report each shape of the union separately)."""
+    if value is None:
+        return []
+    shape = "roles is a list of role names (and {name: {params}} items) or a mapping {name: {params}}"
+    if isinstance(value, dict):
+        items = [(None, value)]
+    elif isinstance(value, list):
+        items = [(i, item) for i, item in enumerate(value)]
+    else:
+        raise ValueError(f"{shape}, got {value!r}")
+    for i, item in items:
+        where = "" if i is None else f"item {i}: "
+        if isinstance(item, str) and i is not None:
+            continue
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}a role is a name or {{name: {{params}}}}, got {item!r}")
+        for name, params in item.items():
+            if not isinstance(name, str):
+                raise ValueError(f"{where}a role name is a string, got {name!r}")
+            if params is not None and not isinstance(params, dict):
+                raise ValueError(f"{where}role {name!r}: its parameters are a mapping {{param: value}}, got {params!r}")
+    return value
+
+
+RoleParams = Union[dict[str, Any], None]
+RolesField = Annotated[Union[list[Union[str, dict[str, RoleParams]]], dict[str, RoleParams]], BeforeValidator(_roles_shape)]
+
+
 class GroupSpec(_Strict):
     """Peers that share roles, region, links and placement."""
 
     count: int = Field(ge=0)
-    roles: Union[list[str], dict[str, Union[dict[str, Any], None]]] = Field(default_factory=list)
+    roles: RolesField = Field(default_factory=list)
     region: str | None = None
     uplink: float | None = None
     downlink: float | None = None
@@ -194,12 +224,15 @@ class Topology(_Strict):
     workload: WorkloadSpec
     ray: RaySpec = Field(default_factory=RaySpec)
     bootstrap_timeout: float = Field(default=120.0, gt=0)
+    actor_timeout: float = Field(default=120.0, gt=0)  # seconds any one call to a peer actor may take
     collect_every: float = Field(default=2.0, gt=0)
 
     @model_validator(mode="after")
     def _references(self) -> "Topology":
         if not self.groups or sum(g.count for g in self.groups.values()) == 0:
             raise ValueError("a topology needs at least one peer")
+        if all(g.join_at > 0 for g in self.groups.values() if g.count):
+            raise ValueError("every group has a join_at: at least one group must start at time 0")
         names = set(self.groups)
         refs = [("workload.groups", g) for g in self.workload.groups or []]
         refs += [("churn.kills.group", k.group) for k in self.churn.kills if k.group]
@@ -220,13 +253,24 @@ class Topology(_Strict):
         return [f"{group}.{i}" for group, spec in self.groups.items() for i in range(spec.count)]
 
 
-def load_topology(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Topology, dict[str, Any]]:
-    """Read, override, interpolate and validate a topology. Returns the model and the resolved dict."""
-    path = Path(path)
+class PeerConfig(_Strict):
+    """A ``hivesim peer --config`` file: one real peer, the same role syntax as a topology's groups."""
+
+    name: str = "volunteer"
+    roles: RolesField = Field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    advertise_host: str | None = None
+    dht: dict[str, Any] = Field(default_factory=dict)
+    endpoint: dict[str, Any] = Field(default_factory=dict)
+
+
+def _read(path: Path, overrides: list[str] | tuple[str, ...], what: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """The file's mapping after overrides and interpolation, and the line of every key."""
     try:
         text = path.read_text()
     except OSError as e:
-        raise TopologyError(f"cannot read topology {path}: {e.strerror}") from None
+        raise TopologyError(f"cannot read {what} {path}: {e.strerror}") from None
     lines = _key_lines(text, path)
     try:
         config = OmegaConf.create(text)
@@ -242,13 +286,97 @@ def load_topology(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         raise TopologyError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
     except OmegaConfBaseException as e:
         raise TopologyError(f"{path}: {str(e).splitlines()[0]}") from None
+    if resolved is None and what == "peer config":
+        resolved = {}
     if not isinstance(resolved, dict):
-        raise TopologyError(f"{path}: a topology is a mapping of keys (name, groups, workload, ...)")
+        keys = "name, groups, workload, ..." if what == "topology" else "name, roles, host, port, dht, ..."
+        raise TopologyError(f"{path}: a {what} is a mapping of keys ({keys})")
+    return resolved, lines
+
+
+def load_topology(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Topology, dict[str, Any]]:
+    """Read, override, interpolate and validate a topology. Returns the model and the resolved dict.
+
+    This checks the file's own structure; :func:`check_runnable` also checks what the run will import."""
+    path = Path(path)
+    resolved, lines = _read(path, overrides, "topology")
     resolved.setdefault("name", path.stem)
     try:
         return Topology.model_validate(resolved), resolved
     except ValidationError as e:
         raise TopologyError(_explain(e, path, lines, overrides)) from None
+
+
+def check_runnable(topology: Topology, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Import every role and the workload and check their parameters (and DHT options) against the
+    signatures that will receive them, before any actor starts: a typo costs a second, not a Ray
+    traceback a minute later. Raises :class:`TopologyError` listing every problem with its line."""
+    from hivesim.sim.checks import options_problems, role_problems, workload_problems
+
+    path = Path(path)
+    problems = []
+    for name, group in topology.groups.items():
+        problems += role_problems(group.roles, ("groups", name, "roles"))
+        problems += options_problems("dht", group.dht, ("groups", name, "dht"))
+    problems += workload_problems(topology.workload.module, topology.workload.params, ("workload",))
+    if problems:
+        raise TopologyError(_report("invalid topology", problems, path, overrides))
+
+
+def load_peer_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PeerConfig:
+    """Read and check a ``hivesim peer`` config (command-line values in ``overrides`` win): its keys, its
+    roles (they import, their parameters fit) and its DHT/endpoint options, each error with its line."""
+    from hivesim.sim.checks import options_problems, role_problems
+
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if path is None:
+        resolved, lines, where = {}, {}, Path("(command line)")
+    else:
+        where = Path(path)
+        resolved, lines = _read(where, (), "peer config")
+    flags = [f"{k}=" for k in given]  # reported as command-line values
+    resolved.update(given)
+    try:
+        config = PeerConfig.model_validate(resolved)
+    except ValidationError as e:
+        raise TopologyError(_explain(e, where, lines, flags, root=PeerConfig, title="invalid peer config")) from None
+    problems = role_problems(config.roles, ("roles",))
+    problems += options_problems("dht", config.dht, ("dht",))
+    problems += options_problems("endpoint", config.endpoint, ("endpoint",))
+    if problems:
+        raise TopologyError(_report("invalid peer config", problems, where, flags, lines))
+    return config
+
+
+def locate(path: Path, lines: dict[tuple[str, ...], int], loc: tuple[str, ...], overrides: Any = ()) -> str:
+    """``file:line`` of the nearest key of ``loc`` that the file has, or the command-line override that set it."""
+    key = ".".join(loc)
+    for item in overrides or ():
+        name = item.split("=", 1)[0]
+        if key == name or key.startswith(name + "."):
+            return f"command-line override {name}" if name == key else f"command-line override {name} ({key})"
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return f"{path}:{lines[loc[:n]]}"
+    return str(path)
+
+
+def _report(title: str, problems: list[tuple[tuple[str, ...], str]], path: Path, overrides: Any = (),
+            lines: dict[tuple[str, ...], int] | None = None) -> str:
+    if lines is None:
+        try:
+            lines = _key_lines(path.read_text(), path)
+        except OSError:
+            lines = {}
+    messages = []
+    for loc, problem in problems:
+        where = locate(path, lines, loc, overrides)
+        key = ".".join(loc)
+        messages.append(f"{where}: {problem}" if where.startswith("command-line override") and where.endswith(key)
+                        else f"{where}: {key}: {problem}")
+    unique = list(dict.fromkeys(messages))
+    more = f"\n  ... and {len(unique) - 12} more" if len(unique) > 12 else ""
+    return f"{title}:\n  " + "\n  ".join(unique[:12]) + more
 
 
 def _key_lines(text: str, path: Path) -> dict[tuple[str, ...], int]:
@@ -275,7 +403,8 @@ def _key_lines(text: str, path: Path) -> dict[tuple[str, ...], int]:
     return out
 
 
-def _explain(error: ValidationError, path: Path, lines: dict[tuple[str, ...], int], overrides: Any) -> str:
+def _explain(error: ValidationError, path: Path, lines: dict[tuple[str, ...], int], overrides: Any,
+             root: Any = None, title: str = "invalid topology") -> str:
     messages = []
     for err in error.errors():
         loc = tuple(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union", "float", "LatencySpec")))
@@ -290,7 +419,7 @@ def _explain(error: ValidationError, path: Path, lines: dict[tuple[str, ...], in
             where = f"command-line override {key}"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            siblings = _known_keys(loc[:-1])
+            siblings = _known_keys(loc[:-1], root or Topology)
             close = difflib.get_close_matches(loc[-1], siblings, n=1)
             message = f"unknown key {loc[-1]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
             if siblings:
@@ -301,12 +430,12 @@ def _explain(error: ValidationError, path: Path, lines: dict[tuple[str, ...], in
             message += f" (got {err['input']!r})"
         messages.append(f"{where}: {key}: {message}")
     unique = list(dict.fromkeys(messages))
-    return "invalid topology:\n  " + "\n  ".join(unique[:8])
+    return f"{title}:\n  " + "\n  ".join(unique[:8])
 
 
-def _known_keys(loc: tuple[str, ...]) -> list[str]:
+def _known_keys(loc: tuple[str, ...], root: Any = None) -> list[str]:
     """The keys allowed at a path, for "did you mean" hints."""
-    model: Any = Topology
+    model: Any = root or Topology
     i = 0
     while i < len(loc):
         fields = getattr(model, "model_fields", None)
