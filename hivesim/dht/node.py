@@ -6,6 +6,23 @@ many keys are looked up at once, a peer that is among the candidates for several
 about all of them in one request. A lookup for a key ends when the ``bucket_size`` nearest peers seen
 have all answered (or failed), or as soon as a value is found unless ``latest=True`` asks for the
 newest version among all of them.
+
+Outsiders can call every node, so what they claim is checked (see also :mod:`hivesim.dht.storage`):
+
+* **contacts are admitted with proof**: with encryption on, a caller enters the routing table only if the
+  id it claims is the id its connection proved (``ctx.peer_id``) and the id its address names
+  (``tcp://host:port/<key>``); contacts heard second hand, in find replies, are asked during lookups only
+  if their address names the id they claim, and enter the table only once they answered us directly.
+  A caller not yet in the table is pinged back at the address it gave before it is added, and a
+  known id is never re-pointed to a new address while its holder still answers at the old one (without
+  encryption, where ids are only declared, this is what keeps an impostor from taking a peer's entry).
+  The table bounds how many contacts one IP and one subnet hold (:mod:`hivesim.dht.routing`).
+* **records are charged to their writer**: the peer whose connection sent them (its proven id; without
+  encryption, the id it declares), for the storage's per-writer quotas and fair eviction;
+* **lifetimes are bounded**: a record expiring more than ``max_ttl`` ahead is refused on store and
+  dropped from find replies, so nobody can pin a key forever;
+* **a find for many keys** looks at the nearest buckets only and yields to the event loop every
+  ``_FIND_SLICE`` keys, so one request cannot stall the node.
 """
 
 from __future__ import annotations
@@ -23,16 +40,20 @@ import msgpack
 from hivesim.dht import protocol
 from hivesim.dht.protocol import FIND, PING, STORE, Limits
 from hivesim.dht.routing import RoutingTable, id_from_bytes, id_of_key_bytes, id_to_bytes, key_id, random_id
-from hivesim.dht.storage import DHTRecord, LocalStorage, ValueWithExpiration, get_dht_time
+from hivesim.dht.storage import DHTRecord, LocalStorage, ValueWithExpiration, get_dht_time, is_owned
 from hivesim.dht.validation import CompositeValidator, RecordRejected, RecordValidator, SignatureValidator
 from hivesim.net.errors import RPCError
 from hivesim.net.identity import Identity
 from hivesim.net.links import LinkModel
 from hivesim.net.rpc import CallContext, Endpoint
+from hivesim.net.secure import address_peer_id
 
 logger = logging.getLogger(__name__)
 
 Contact = tuple[int, str]
+
+_FIND_SLICE = 128  # keys a find handler answers before it lets the event loop run other work
+_MAX_VERIFICATIONS = 32  # callers being pinged back at once; more are ignored until they call again
 
 
 @dataclass(frozen=True)
@@ -117,10 +138,12 @@ class _Lookup:
         return max((self.depth.get(n, 0) for n, _ in self.nearest_answered()), default=0)
 
     def result(self) -> list[DHTRecord]:
-        """Newest wins: a plain value that expires after every subkey replaces the dictionary."""
+        """Newest wins: a plain value that expires after every subkey replaces the dictionary, except
+        that a plain value nobody owns never hides owned subkeys (as in storage)."""
         newest_subkey = max((r.expiration_time for r in self.subkeys.values()), default=float("-inf"))
         if self.plain is not None and self.plain.expiration_time > newest_subkey:
-            return [self.plain]
+            if is_owned(self.plain) or not any(is_owned(r) for r in self.subkeys.values()):
+                return [self.plain]
         return list(self.subkeys.values())
 
 
@@ -146,6 +169,13 @@ class DHTNode:
             that lacked it (for a latest get: replicas that missed the newest version).
         record_validators: extra validators; signature checking of owned keys is always on.
         max_storage_bytes, limits: bounds on what peers can make this node hold or parse.
+        max_ttl: records may expire at most this many seconds ahead (24 h), plus ``max_clock_skew`` (60 s);
+            later ones are refused on store and dropped from find replies.
+        max_subkeys_per_writer, max_bytes_per_writer: per-writer quotas of this node's storage (1024
+            subkeys per key; an eighth of ``max_storage_bytes``), see :class:`~hivesim.dht.storage.LocalStorage`.
+        max_contacts_per_ip, max_contacts_per_subnet, local_by_port: routing-table bounds (2 per public IP,
+            8 per /24 or /64; loopback and private hosts bounded per host:port), see
+            :class:`~hivesim.dht.routing.RoutingTable`. None turns a bound off.
     """
 
     def __init__(self) -> None:  # use DHTNode.create(...)
@@ -160,6 +190,9 @@ class DHTNode:
         self._owns_endpoint = False
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
+        self._secure = False  # the endpoint proves callers' ids (encryption on)
+        self._verifying: set[int] = set()  # callers being pinged back before they enter the table
+        self.refused_contacts = 0  # callers whose claimed id their connection or address contradicted
 
     @classmethod
     async def create(
@@ -186,9 +219,19 @@ class DHTNode:
         limits: Limits | None = None,
         ensure_bootstrap_success: bool = True,
         seed: int | None = None,
+        max_ttl: float = 24 * 3600.0,
+        max_clock_skew: float = 60.0,
+        max_subkeys_per_writer: int = 1024,
+        max_bytes_per_writer: int | None = None,
+        max_contacts_per_ip: int | None = 2,
+        max_contacts_per_subnet: int | None = 8,
+        local_by_port: bool = True,
     ) -> "DHTNode":
         self = cls()
-        self.identity = identity or Identity()
+        if identity is not None and endpoint is not None and identity.peer_id != endpoint.peer_id:
+            raise ValueError("the DHT node's identity must be its endpoint's: peers prove their ids with the "
+                             "endpoint's key (pass one of the two, or the same identity to both)")
+        self.identity = identity or (endpoint.identity if endpoint is not None else Identity())
         self.node_id = id_from_bytes(self.identity.peer_id)
         self.client_mode = client_mode
         self.bucket_size = bucket_size
@@ -199,16 +242,24 @@ class DHTNode:
         self.cache_nearest = cache_nearest
         self.limits = limits or Limits()
         self.rng = random.Random(seed)
-        self.routing = RoutingTable(self.node_id, bucket_size, depth_modulo, max_failures)
-        self.storage = LocalStorage(max_bytes=max_storage_bytes)
+        self.routing = RoutingTable(
+            self.node_id, bucket_size, depth_modulo, max_failures, max_per_ip=max_contacts_per_ip,
+            max_per_subnet=max_contacts_per_subnet, local_by_port=local_by_port,
+        )
+        self.storage = LocalStorage(
+            max_bytes=max_storage_bytes, max_ttl=max_ttl, max_clock_skew=max_clock_skew,
+            max_subkeys_per_writer=max_subkeys_per_writer, max_bytes_per_writer=max_bytes_per_writer,
+        )
         validators = list(record_validators)
         if not any(isinstance(v, SignatureValidator) for v in validators):
             validators.append(SignatureValidator(self.identity))
         self.validator = CompositeValidator(validators)
         if endpoint is None:
-            endpoint = await Endpoint(host, port, links=links, **(endpoint_options or {})).start()
+            endpoint = await Endpoint(host, port, links=links, identity=self.identity, **(endpoint_options or {})).start()
             self._owns_endpoint = True
         self.endpoint = endpoint
+        # with encryption on, the endpoint's address names its key, and callers' ids are proven
+        self._secure = address_peer_id(endpoint.address) is not None
         if not client_mode:
             endpoint.register(PING, self._rpc_ping)
             endpoint.register(STORE, self._rpc_store)
@@ -271,7 +322,8 @@ class DHTNode:
         await self.find_nearest([self.node_id])
 
     async def ping(self, address: str) -> int | None:
-        """Ask ``address`` for its node id; adds it to the routing table. None if it did not answer."""
+        """Ask ``address`` for its node id; adds it to the routing table. None if it did not answer
+        (or answered with an id that its address does not name)."""
         try:
             reply = await self.endpoint.call(address, PING, {"from": self._me()}, timeout=self.rpc_timeout)
             peer = protocol.parse_peer(reply.get("from") if isinstance(reply, dict) else None)
@@ -280,15 +332,72 @@ class DHTNode:
             return None
         if peer is None:
             return None
-        self._saw(*peer)
+        named = address_peer_id(address)
+        if named is not None and named != id_to_bytes(peer[0]):
+            self.refused_contacts += 1
+            return None
+        self._admit(peer[0], peer[1], answered=peer[1] == address)
         return peer[0]
 
     # ------------------------------------------------------------------ serving
 
-    def _heard_from(self, payload: Any) -> None:
+    def _heard_from(self, payload: Any, ctx: CallContext | None) -> None:
+        """A caller says who it is: admit it if its connection and address back the claim (with
+        encryption), after it answers a ping at that address."""
         peer = protocol.parse_peer(payload.get("from"))  # ValueError reaches the caller as a RemoteError
-        if peer is not None:
-            self._saw(*peer)
+        if peer is None:
+            return
+        node_id, address = peer
+        proven = getattr(ctx, "peer_id", None)
+        if proven is not None:
+            if id_to_bytes(node_id) != proven or address_peer_id(address) != proven:
+                self.refused_contacts += 1  # an impostor, or an address that names someone else
+                return
+        elif self._secure:
+            return  # an encrypted endpoint that could not say who called: nothing is proven
+        self._admit(node_id, address, answered=False)
+
+    def _names(self, node_id: int, address: str) -> bool:
+        """Whether ``address`` may be taken to belong to ``node_id``: it names that id (its key), or it
+        names none and this node runs without encryption (nothing can be proven then)."""
+        named = address_peer_id(address)
+        if named is None:
+            return not self._secure
+        return named == id_to_bytes(node_id)
+
+    def _admit(self, node_id: int, address: str, answered: bool) -> None:
+        """Add a contact that answered us at ``address`` (``answered``), or ping it there first; a known
+        id moves to a new address only once its holder no longer answers at the old one."""
+        if node_id == self.node_id or self._closed or not self._names(node_id, address):
+            return
+        current = self.routing.address_of(node_id)
+        if current == address or (current is None and answered):
+            self._saw(node_id, address)
+            return
+        if node_id in self._verifying or len(self._verifying) >= _MAX_VERIFICATIONS:
+            return
+        self._verifying.add(node_id)
+        self._spawn(self._verify(node_id, address, current, answered))
+
+    async def _verify(self, node_id: int, address: str, current: str | None, answered: bool) -> None:
+        try:
+            if current is not None and await self._answers_as(current, node_id):
+                self._saw(node_id, current)  # still answering where we knew it: not re-pointed
+                return
+            if answered or await self._answers_as(address, node_id):
+                self._saw(node_id, address)
+        finally:
+            self._verifying.discard(node_id)
+
+    async def _answers_as(self, address: str, node_id: int) -> bool:
+        """Whether ``address`` answers a ping as ``node_id``."""
+        try:
+            reply = await self.endpoint.call(address, PING, {"from": self._me()}, timeout=self.rpc_timeout)
+            peer = protocol.parse_peer(reply.get("from") if isinstance(reply, dict) else None)
+        except (RPCError, ValueError) as e:
+            logger.debug("ping %s failed: %s", address, e)
+            return False
+        return peer is not None and peer[0] == node_id
 
     def _saw(self, node_id: int, address: str) -> None:
         if node_id == self.node_id:
@@ -301,37 +410,51 @@ class DHTNode:
 
     async def _check_alive(self, node_id: int, address: str) -> None:
         """A full bucket met a newcomer: ping its oldest contact; if dead, the newcomer replaces it."""
-        try:
-            await self.endpoint.call(address, PING, {"from": self._me()}, timeout=self.rpc_timeout)
+        if await self._answers_as(address, node_id):
             self.routing.add_or_update(node_id, address)
-        except RPCError:
+        else:
             self.routing.mark_failed(node_id)
 
     def _rpc_ping(self, payload: Any, ctx: CallContext) -> dict:
         if not isinstance(payload, dict):
             raise ValueError("ping payload must be a map")
-        self._heard_from(payload)
+        self._heard_from(payload, ctx)
         return {"from": self._me()}
 
     def _rpc_store(self, payload: Any, ctx: CallContext) -> dict:
         if not isinstance(payload, dict):
             raise ValueError("store payload must be a map")
         records = protocol.parse_records(payload.get("records"), self.limits)
-        self._heard_from(payload)
-        return {"from": self._me(), "ok": [self._store_local(r) for r in records]}
+        self._heard_from(payload, ctx)
+        writer = self._writer(payload, ctx)
+        return {"from": self._me(), "ok": [self._store_local(r, writer) for r in records]}
 
-    def _store_local(self, record: DHTRecord) -> bool | str:
+    def _writer(self, payload: dict, ctx: CallContext | None) -> bytes:
+        """Whom a store is charged to: the caller's proven id; without encryption, the id it declares."""
+        proven = getattr(ctx, "peer_id", None)
+        if proven is not None:
+            return proven
+        peer = payload.get("from")
+        if isinstance(peer, list) and len(peer) == 2 and isinstance(peer[0], bytes):
+            return peer[0]
+        return b"anonymous:" + getattr(ctx, "src", "").encode()
+
+    def _store_local(self, record: DHTRecord, writer: bytes | None = None) -> bool | str:
+        """Validate and store one record for ``writer`` (this node if None): True, False (an older or
+        refused version) or the reason it was rejected."""
+        if record.expiration_time > self.storage.latest_allowed():
+            return "the record expires later than this node's max_ttl allows"
         try:
             self.validator.validate(record)
         except RecordRejected as e:
             return str(e)
-        return self.storage.store(id_of_key_bytes(record.key), record)
+        return self.storage.store(id_of_key_bytes(record.key), record, self.peer_id if writer is None else writer)
 
-    def _rpc_find(self, payload: Any, ctx: CallContext) -> dict:
+    async def _rpc_find(self, payload: Any, ctx: CallContext) -> dict:
         if not isinstance(payload, dict):
             raise ValueError("find payload must be a map")
         key_ids = protocol.parse_key_ids(payload.get("keys"), self.limits)
-        self._heard_from(payload)
+        self._heard_from(payload, ctx)
         asker = payload["from"][0] if payload.get("from") else None
         exclude = id_from_bytes(asker) if asker else None
         want_values = payload.get("values", True) is not False
@@ -342,7 +465,9 @@ class DHTNode:
         riders = protocol.parse_records(payload["store"], self.limits) if "store" in payload else None
         found = []
         near: dict[int, list[tuple[int, str]]] = {}
-        for target in key_ids:
+        for index, target in enumerate(key_ids):
+            if index and index % _FIND_SLICE == 0:
+                await asyncio.sleep(0)  # a find for thousands of keys must not stall the node
             records = [r.to_wire() for r in self.storage.get(target)] if want_values else []
             near[target] = self.routing.nearest(target, count, exclude)
             found.append([records, [[id_to_bytes(i), a] for i, a in near[target]]])
@@ -352,8 +477,9 @@ class DHTNode:
             if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
                 raise ValueError("a find with records needs a positive 'replicas' count")
             replicas = min(replicas, count)
+            writer = self._writer(payload, ctx)
             reply["stored"] = [
-                self._store_local(r) if self._among_nearest(id_of_key_bytes(r.key), replicas, near, exclude) else None
+                self._store_local(r, writer) if self._among_nearest(id_of_key_bytes(r.key), replicas, near, exclude) else None
                 for r in riders
             ]
         return reply
@@ -443,7 +569,7 @@ class DHTNode:
                             self.routing.mark_failed(node_id)  # an address that answers with another id
                             answer = None
                         elif responder is not None:
-                            self._saw(*responder)
+                            self._admit(responder[0], responder[1], answered=responder[1] == address)
                     for index, target in enumerate(keys):
                         lookup = lookups[target]
                         lookup.inflight -= 1
@@ -456,7 +582,9 @@ class DHTNode:
                         lookup.answered[node_id] = address
                         lookup.merge(self._valid(records), node_id)
                         for peer_id, peer_address in nearest:
-                            if peer_id != self.node_id and peer_id not in lookup.candidates:
+                            # heard second hand: a candidate only if its address names the id it claims
+                            if (peer_id != self.node_id and peer_id not in lookup.candidates
+                                    and self._names(peer_id, peer_address)):
                                 lookup.candidates[peer_id] = peer_address
                                 lookup.depth[peer_id] = lookup.depth.get(node_id, 1) + 1
                 if want_values and not latest and all(finished(lookup) for lookup in lookups.values()):
@@ -502,8 +630,13 @@ class DHTNode:
             return None
 
     def _valid(self, records: list[DHTRecord]) -> list[DHTRecord]:
+        """The records that pass the validators and expire no later than ``max_ttl`` allows."""
         good = []
+        latest = self.storage.latest_allowed()
         for record in records:
+            if record.expiration_time > latest:
+                logger.debug("dropping a record that expires beyond max_ttl")
+                continue
             try:
                 self.validator.validate(record)
                 good.append(record)
