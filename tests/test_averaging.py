@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hivesim.averaging import AveragerCore, grid_manager, load_balance, optimal_shares
+from hivesim.averaging.partition import DEFAULT_MAX_SHARE
 from hivesim.dht import DHTNode
 from hivesim.dht.storage import get_dht_time
 from hivesim.net import RemoteError, ShapedLinks
@@ -106,7 +107,7 @@ async def test_parts_follow_bandwidth(swarm_factory):
     results = await step_all(await start(cores))
     by_id = {n.peer_id: b for n, b in zip(nodes, bandwidths)}
     in_order = [by_id[pid] for pid in results[0]]
-    assert results[0].part_sizes == load_balance(1000, in_order, [True] * 4)
+    assert results[0].part_sizes == load_balance(1000, in_order, [True] * 4, max_share=DEFAULT_MAX_SHARE)
     assert results[0].part_sizes[in_order.index(1000.0)] == max(results[0].part_sizes)
     assert results[0].part_sizes != [250] * 4
     for core in cores:

@@ -156,3 +156,29 @@ async def test_a_non_member_with_the_group_id_cannot_inject(swarm_factory):
         assert all(torch.allclose(c.tensors[0], torch.full((6,), 2.0)) for c in cores)
     finally:
         await outsider.shutdown()
+
+
+def test_a_huge_declared_bandwidth_buys_a_bounded_share():
+    from hivesim.averaging import optimal_shares
+    from hivesim.averaging.partition import MAX_THROUGHPUT_RATIO
+
+    from hivesim.averaging.partition import DEFAULT_MAX_SHARE, clamp_throughputs
+
+    assert clamp_throughputs([1e300, 1.0, 1.0, 1.0])[0] == MAX_THROUGHPUT_RATIO
+    liar = optimal_shares([1e300, 1.0, 1.0, 1.0], [True] * 4, DEFAULT_MAX_SHARE)
+    assert liar[0] <= DEFAULT_MAX_SHARE + 1e-9  # not the whole vector (uncapped, the LP gives it all of it)
+    assert optimal_shares([1e300, 1.0, 1.0, 1.0], [True] * 4)[0] == pytest.approx(1.0)
+    honest = optimal_shares([1000.0] + [100.0] * 7, [True] * 8, DEFAULT_MAX_SHARE)
+    assert honest[0] > 3 * honest[1]  # honest 10x heterogeneity still counts
+
+
+async def test_a_member_declaring_huge_bandwidth_does_not_reduce_everything(swarm_factory):
+    nodes = await swarm_factory(4)
+    cores = [AveragerCore(n.endpoint, n, [torch.full((1000,), float(i))], prefix="bwlie", target_group_size=4,
+                          matchmaking_time=5.0, bandwidth=1e300 if i == 3 else 1.0) for i, n in enumerate(nodes)]
+    for core in cores:
+        await core.start()
+    results = await asyncio.wait_for(asyncio.gather(*(c.step() for c in cores)), ROUND)
+    order = list(results[0])
+    sizes = results[0].part_sizes
+    assert sizes[order.index(cores[3].peer_id)] <= 500  # before the cap: all 1,000 elements

@@ -32,7 +32,7 @@ from typing import Any, Awaitable, Callable
 import torch
 
 from hivesim.averaging.matchmaking import BadRequest, BanList, GroupInfo
-from hivesim.averaging.partition import part_sizes
+from hivesim.averaging.partition import DEFAULT_MAX_SHARE, group_shares, part_sizes
 from hivesim.averaging.robust import Aggregation, aggregate
 from hivesim.net.codecs import NONE, Codec, get_codec
 from hivesim.net.errors import PeerUnreachable, RPCError, RPCTimeout
@@ -142,6 +142,7 @@ class AllReduce:
         self.bans = bans
         self.hook = hook
         self.aggregation = Aggregation.of(aggregation)  # how this member reduces its part
+        self.max_share = DEFAULT_MAX_SHARE  # the most of a round's vector one member reduces
         self.rounds: OrderedDict[bytes, Reduction] = OrderedDict()
         self._expected: dict[bytes, asyncio.Event] = {}
         self.stats = {"late_contributions": 0, "bad_contributions": 0, "bad_replies": 0, "impostor_parts": 0}
@@ -165,7 +166,9 @@ class AllReduce:
         Returns the new vector (local values where a part could not be averaged) and a report.
         """
         started = time.monotonic()
-        sizes = part_sizes(int(flat.numel()), group.shares)
+        # every member sizes the parts itself from the member list (bandwidths clamped, shares capped): a
+        # leader's or a member's lie about bandwidth does not hand one member the whole vector
+        sizes = part_sizes(int(flat.numel()), group_shares(group.members, self.max_share))
         me = group.my_index
         senders = {i for i, m in enumerate(group.members) if not m["aux"]}
         start, end = part_bounds(sizes, me)

@@ -64,6 +64,9 @@ class Optimizer(SwarmMember):
         average_opt_statistics: names of optimizer state entries averaged with the parameters (``"exp_avg_sq"``).
         extra_tensors: more tensors averaged with the parameters and sent to newcomers.
         grad_compression, state_averaging_compression, load_state_compression: codecs (``"float16"``...).
+        aggregation: how this peer reduces its parts of every averaging round: ``"mean"`` (default, hivemind's)
+            or a Byzantine-robust rule (``"centered_clip"``, ``"trimmed_mean"``, ``"median"`` or an
+            :class:`hivesim.averaging.robust.Aggregation`); every peer of a run should use the same.
         client_mode: take part but serve nobody (behind NAT); default: the DHT's mode.
         auxiliary: help reduce gradients, contribute none (no ``batch_size_per_step``).
         averager_opts: more :class:`~hivesim.averaging.AveragerCore` options (``bandwidth``, ``request_timeout``...).
@@ -94,7 +97,7 @@ class Optimizer(SwarmMember):
                  grad_compression: Any = None, state_averaging_compression: Any = None,
                  load_state_compression: Any = None, client_mode: bool | None = None, auxiliary: bool = False,
                  averager_opts: dict[str, Any] | None = None, tracker_opts: dict[str, Any] | None = None,
-                 shutdown_timeout: float = 5.0, verbose: bool = False) -> None:
+                 aggregation: Any = None, shutdown_timeout: float = 5.0, verbose: bool = False) -> None:
         self._init_member(dht, run_id, load_state_timeout=load_state_timeout, averaging_timeout=averaging_timeout,
                           auxiliary=auxiliary, verbose=verbose)
         if not isinstance(target_batch_size, int) or target_batch_size <= 0:
@@ -176,6 +179,10 @@ class Optimizer(SwarmMember):
         self._pending_state: tuple[concurrent.futures.Future, list[torch.Tensor]] | None = None  # state averaging
         self._closed = False
         self._averager_opts = dict(averager_opts or {})
+        if aggregation is not None:
+            from hivesim.averaging.robust import Aggregation
+
+            self._averager_opts["aggregation"] = Aggregation.of(aggregation)
         self._matchmaking_time, self._allreduce_timeout = matchmaking_time, allreduce_timeout
         self._state_codec = state_averaging_compression
         self._state_core: AveragerCore | None = None

@@ -49,6 +49,11 @@ which readers (the ``monitor`` role) check with pydantic.
 * ``alone``: no collaboration at all (a plain torch optimizer; an "epoch" every ``target_batch_size`` samples),
   the single-peer baseline.
 
+``aggregation`` (``mean``, ``centered_clip``, ``trimmed_mean``, ``median``) is how this peer reduces its parts of
+an averaging round (:mod:`hivesim.averaging.robust`). ``attack`` makes this trainer Byzantine
+(:mod:`hivesim.roles.attacks`: ``sign_flip``, ``label_flip``, ``random_direction``, ``alie``; options in
+``attack_opts``): it runs the honest protocol but corrupts the gradients it contributes.
+
 ``max_samples`` stops a peer after that many of its own samples; ``eval_every_samples`` evaluates at an epoch
 change only once that many samples went by since the last evaluation; ``compression`` (``"float16"``...) goes to
 whatever the method averages (``grad_compression`` and ``state_averaging_compression``, or DiLoCo's ``compression``). Every ``epoch`` and ``eval`` sample also carries the running totals of this peer:
@@ -160,7 +165,8 @@ class TrainerRole(Role):
                  stop_timeout: float = 4.0, method: str = "gradient_averaging", num_inner_steps: int = 50,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, num_fragments: int | None = None,
                  max_samples: int | None = None, eval_every_samples: int = 0, compression: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, aggregation: str = "mean", attack: str | None = None,
+                 attack_opts: dict[str, Any] | None = None) -> None:
         super().__init__(peer)
         if not isinstance(run_id, str) or not run_id or "." in run_id:
             raise ValueError(f"trainer: run_id must be a non-empty name without dots, got {run_id!r}")
@@ -189,6 +195,15 @@ class TrainerRole(Role):
             raise ValueError("trainer: max_samples must be positive (or null) and eval_every_samples >= 0")
         if threads is not None and threads < 1:
             raise ValueError(f"trainer: threads must be positive, got {threads!r}")
+        from hivesim.averaging.robust import Aggregation
+        from hivesim.roles.attacks import make_attack
+
+        Aggregation.of(aggregation)  # a bad name fails here, with the choices
+        if aggregation != "mean" and method not in ("gradient_averaging", "local_updates"):
+            raise ValueError(f"trainer: aggregation {aggregation!r} needs method gradient_averaging or local_updates")
+        self.aggregation = aggregation
+        self.attack = make_attack(attack, **dict(attack_opts or {}))
+        self.attack_name = attack
         self.module = load_model_module(model)
         self.model_path = model
         self.run_id = run_id
@@ -323,6 +338,8 @@ class TrainerRole(Role):
         if self.compression is not None:
             opts.setdefault("grad_compression", self.compression)
             opts.setdefault("state_averaging_compression", self.compression)
+        if self.aggregation != "mean":
+            opts.setdefault("aggregation", self.aggregation)
         return Optimizer(dht=self.dht_view, run_id=self.run_id, target_batch_size=self.target_batch_size,
                          batch_size_per_step=self.batch_size, optimizer=partial(factory, lr=self.lr),
                          params=model.parameters(), **opts)
@@ -379,8 +396,12 @@ class TrainerRole(Role):
                 break
             batch = next(data)
             compute_started = time.perf_counter()
+            if self.attack is not None:
+                batch = self.attack.batch(batch)
             loss = module.loss(model, batch)
             loss.backward()
+            if self.attack is not None:
+                self.attack.gradients(model.parameters())
             if self.step_delay:
                 time.sleep(self.step_delay * slowdown)  # stands for a bigger model's compute
             self.compute_s += time.perf_counter() - compute_started
