@@ -182,3 +182,32 @@ async def test_a_member_declaring_huge_bandwidth_does_not_reduce_everything(swar
     order = list(results[0])
     sizes = results[0].part_sizes
     assert sizes[order.index(cores[3].peer_id)] <= 500  # before the cap: all 1,000 elements
+
+
+def test_attacks_corrupt_what_they_say():
+    from hivesim.roles.attacks import make_attack
+
+    def grads_of(values):
+        p = torch.nn.Parameter(torch.zeros(len(values)))
+        p.grad = torch.tensor(values, dtype=torch.float32)
+        return [p]
+
+    params = grads_of([1.0, -2.0])
+    make_attack("sign_flip").gradients(params)
+    assert params[0].grad.tolist() == [-1000.0, 2000.0]
+    x, y = make_attack("label_flip").batch((torch.zeros(3, 2), torch.tensor([0, 3, 9])))
+    assert y.tolist() == [9, 6, 0]
+    a, b = make_attack("random_direction", seed=5), make_attack("random_direction", seed=5)
+    pa, pb = grads_of([3.0, 4.0]), grads_of([0.3, 0.4])
+    a.gradients(pa)
+    b.gradients(pb)
+    assert float(pa[0].grad.norm()) == pytest.approx(500.0, rel=1e-5)  # 100x the honest norm (5)
+    assert torch.allclose(pa[0].grad / pa[0].grad.norm(), pb[0].grad / pb[0].grad.norm())  # colluding: one direction
+    alie = make_attack("alie", num_peers=16, num_byzantine=7)
+    for values in ([1.0, 1.0], [3.0, 1.0]):
+        p = grads_of(values)
+        alie.gradients(p)
+    assert p[0].grad[1] == pytest.approx(1.0) and p[0].grad[0] < 2.0  # mean - z * std: small, consistent bias
+    assert make_attack(None) is None
+    with pytest.raises(ValueError, match="one of"):
+        make_attack("bribe")
