@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ from hivesim.averaging.partition import optimal_shares
 from hivesim.averaging.timing import AdaptiveDeadline
 from hivesim.dht.node import DHTNode
 from hivesim.dht.storage import get_dht_time
+from hivesim.dht.validation import owner_marker
+from hivesim.net.identity import peer_id_from_public_key
+from hivesim.net.secure import address_peer_id
 from hivesim.net.errors import PeerUnreachable, RPCError, RPCTimeout
 from hivesim.net.rpc import CallContext, Endpoint
 
@@ -53,6 +57,19 @@ MAX_SIBLING_BITS = 4  # a lone peer reads the sibling keys of keys up to 4 bits 
 
 # what a declaration says of its peer (its fifth field)
 LOOKING, LEADING, FOLLOWING = 0, 1, 2
+
+_OWNED_SUBKEY = re.compile(rb"\[owner:([0-9a-f]{64})\]$")
+
+
+def declaration_owner(subkey: object) -> bytes | None:
+    """The public key a declaration's subkey names (``<peer id><token>[owner:<key hex>]``), else None.
+
+    Declarations are owned (signed by their writer), so nobody can publish one in another peer's name,
+    and readers ignore any declaration whose peer id is not its owner's."""
+    if not isinstance(subkey, bytes):
+        return None
+    match = _OWNED_SUBKEY.search(subkey)
+    return bytes.fromhex(match.group(1).decode()) if match else None
 
 
 class BadRequest(ValueError):
@@ -241,7 +258,8 @@ class Matchmaker:
             value = [search.deadline, me["addr"], self.client_mode, me["id"], state]
         stored = time.monotonic()
         try:
-            await self.dht.store(key, value, search.deadline + stamp * 1e-3, subkey=me["id"] + search.token)
+            subkey = me["id"] + search.token + owner_marker(self.dht.public_key).encode()  # owned: only we can write it
+            await self.dht.store(key, value, search.deadline + stamp * 1e-3, subkey=subkey)
         except Exception as e:  # the DHT being unhappy must not crash a step
             logger.debug("could not publish under %s: %r", key, e)
             return
@@ -414,7 +432,10 @@ class Matchmaker:
             return []
         now = get_dht_time()
         latest: dict[bytes, dict[str, Any]] = {}
-        for item in found.value.values():
+        for subkey, item in found.value.items():
+            owner = declaration_owner(subkey)
+            if owner is None:
+                continue  # nobody owns it: anyone could have written it, in anyone's name
             value = getattr(item, "value", None)
             if not isinstance(value, list) or len(value) != 5:
                 continue
@@ -424,6 +445,13 @@ class Matchmaker:
                 continue
             if deadline <= now or pid == search.me["id"] or pid in self.bans:
                 continue  # withdrawn (tombstones have deadline 0), expired, ourselves, or failed us lately
+            try:
+                owner_id = peer_id_from_public_key(owner)
+            except ValueError:
+                continue
+            named = address_peer_id(addr)
+            if owner_id != pid or (named is not None and named != pid):
+                continue  # a declaration in another peer's name, or pointing at another peer
             if pid not in latest or latest[pid]["rank"][0] < deadline:
                 latest[pid] = {"id": pid, "addr": addr, "client": bool(client), "rank": (float(deadline), pid), "state": state}
         return list(latest.values())

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from hivesim.dht.storage import get_dht_time
-from hivesim.moe.uids import make_uid, prefix_key
+from hivesim.moe.uids import make_uid, prefix_key, read_declarations
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,13 @@ class MoEBeamSearcher:
         latest: merge every replica's subkeys for each prefix (default). A prefix key collects one subkey
             per server, and a replica that missed some servers' stores (e.g. it joined after them) would
             otherwise answer with a partial list: the search would then miss live experts.
+        allowed_owners: if given, only declarations owned by these public keys count (see
+            :func:`~hivesim.moe.uids.read_declarations`; unowned declarations never count).
     """
 
     def __init__(self, dht_node: Any, uid_prefix: str, grid_size: Sequence[int], *, cache_ttl: float = 2.0,
-                 negative_ttl: float = 0.5, max_rounds: int = 64, latest: bool = True) -> None:
+                 negative_ttl: float = 0.5, max_rounds: int = 64, latest: bool = True,
+                 allowed_owners: Sequence[bytes] | None = None) -> None:
         self.node = dht_node
         self.uid_prefix = uid_prefix
         self.grid_size = tuple(int(g) for g in grid_size)
@@ -60,6 +63,8 @@ class MoEBeamSearcher:
         self.negative_ttl = min(negative_ttl, cache_ttl)
         self.max_rounds = max_rounds
         self.latest = latest
+        self.allowed_owners = None if allowed_owners is None else frozenset(allowed_owners)
+        self._first_owner: dict[str, dict[int, bytes]] = {}  # per prefix key: the owner each cell was read from
         self._cache: dict[str, tuple[float, dict[int, Any]]] = {}
         self._banned: dict[str, float] = {}
         self.lookups = 0  # prefix keys fetched from the DHT (cache misses)
@@ -89,12 +94,9 @@ class MoEBeamSearcher:
             self.lookups += len(missing)
             now_dht = get_dht_time()
             for key in missing:
-                entry = found.get(key)
-                children: dict[int, Any] = {}
-                if entry is not None and isinstance(entry.value, dict):
-                    for sub, item in entry.value.items():
-                        if isinstance(sub, int) and getattr(item, "expiration_time", 0) > now_dht:
-                            children[sub] = item.value
+                entry = found.get(key)  # owned declarations only (see read_declarations)
+                children = read_declarations(entry.value if entry is not None else None, now_dht,
+                                             self.allowed_owners, self._first_owner.setdefault(key, {}))
                 out[key] = children
                 self._cache[key] = (time.monotonic() + (self.cache_ttl if children else self.negative_ttl), children)
         return out

@@ -204,7 +204,9 @@ class ExpertServer:
     async def declare(self) -> bool:
         """Declare every expert once; True if every record was stored somewhere."""
         node = self._dht_node()
-        items = declaration_items({uid: self.address for uid in self.backends}, get_dht_time() + self.expiration)
+        # owned by this node's key: nobody else can rewrite, redirect or erase these declarations
+        items = declaration_items({uid: self.address for uid in self.backends}, get_dht_time() + self.expiration,
+                                  owner=node.public_key)
         try:
             outcome = await node.store_many(items)
         except Exception as e:  # noqa: BLE001 - a failed round is retried next period

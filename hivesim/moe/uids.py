@@ -9,6 +9,12 @@ For ``ffn.3.14`` a server stores, each with the same expiration:
 so a beam search walks from the root prefix down one dimension per lookup, learning at each step which
 next coordinates have at least one live expert behind them. Each subkey expires on its own, so an expert
 whose server stops re-declaring it drops out of the search after ``expiration`` seconds.
+
+Declarations are owned: the subkey is ``"<coordinate>[owner:<server's public key hex>]"``, so the DHT
+accepts it only signed by that server, and nobody else can rewrite, redirect or erase it. Readers
+(:func:`read_declarations`) ignore unowned subkeys, declarations whose address names another peer than
+their owner, owners outside ``allowed_owners`` when one is given, and, where several owners declare the
+same coordinate, keep the owner they saw first.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, MutableMapping, Sequence
 from typing import Any
 
 UID_DELIMITER = "."
@@ -55,15 +61,60 @@ def prefix_key(prefix: str, coords: Sequence[int]) -> str:
     return make_uid(prefix, coords) + UID_DELIMITER
 
 
-def declaration_items(uids_to_addresses: dict[str, str], expiration_time: float) -> list[tuple[Any, Any, float, Any]]:
-    """``store_many`` items that declare every expert (one record per grid level, see module docs)."""
+def declaration_items(uids_to_addresses: dict[str, str], expiration_time: float,
+                      owner: bytes | None = None) -> list[tuple[Any, Any, float, Any]]:
+    """``store_many`` items that declare every expert (one record per grid level, see module docs),
+    owned by ``owner`` (the declaring node's public key; readers ignore unowned declarations)."""
+    marker = "" if owner is None else f"[owner:{owner.hex()}]"
     items: dict[tuple[str, int], Any] = {}
     for uid, address in uids_to_addresses.items():
         prefix, coords = parse_uid(uid)
         for depth in range(len(coords)):
             key = prefix_key(prefix, coords[:depth])
             items[(key, coords[depth])] = address if depth == len(coords) - 1 else 1
-    return [(key, value, expiration_time, sub) for (key, sub), value in items.items()]
+    return [(key, value, expiration_time, f"{sub}{marker}" if marker else sub) for (key, sub), value in items.items()]
+
+
+_DECLARED = re.compile(r"^(\d{1,9})\[owner:([0-9a-f]{64})\]$")
+
+
+def read_declarations(entries: Any, now: float, allowed_owners: Collection[bytes] | None = None,
+                      first_owner: MutableMapping[int, bytes] | None = None) -> dict[int, Any]:
+    """``{coordinate: value}`` of the live, owned declarations under one prefix key (a DHT dictionary
+    ``{subkey: ValueWithExpiration}``); see the module docstring for what is ignored.
+
+    ``first_owner`` (kept by the caller per key) remembers which owner each coordinate was first read
+    from: while that owner's declaration lives, another owner's for the same coordinate is ignored."""
+    from hivesim.net.identity import peer_id_from_public_key
+    from hivesim.net.secure import address_peer_id
+
+    if not isinstance(entries, dict):
+        return {}
+    by_coord: dict[int, dict[bytes, Any]] = {}
+    for sub, item in entries.items():
+        match = _DECLARED.match(sub) if isinstance(sub, str) else None
+        if match is None or getattr(item, "expiration_time", 0) <= now:
+            continue
+        coord, owner = int(match.group(1)), bytes.fromhex(match.group(2))
+        if allowed_owners is not None and owner not in allowed_owners:
+            continue
+        value = getattr(item, "value", None)
+        if isinstance(value, str):  # an expert's address: it must be its owner's own server
+            named = address_peer_id(value)
+            try:
+                if named is not None and named != peer_id_from_public_key(owner):
+                    continue
+            except ValueError:
+                continue
+        by_coord.setdefault(coord, {})[owner] = value
+    out: dict[int, Any] = {}
+    for coord, owners in by_coord.items():
+        remembered = first_owner.get(coord) if first_owner is not None else None
+        owner = remembered if remembered in owners else min(owners)
+        if first_owner is not None:
+            first_owner[coord] = owner
+        out[coord] = owners[owner]
+    return out
 
 
 def expand_pattern(pattern: str) -> list[str]:
