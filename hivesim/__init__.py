@@ -29,9 +29,10 @@ from hivesim.dht import (  # noqa: E402
 # process (hundreds of packed DHT peers) never loads torch's ~300 MiB. Torch-using packages (averaging,
 # moe, optim) belong here rather than in an import block above.
 _LAZY = {"SizeAdaptiveCompression": "hivesim.net.codecs"}
-_LAZY.update(dict.fromkeys(["ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts"],
-                           "hivesim.moe"))
+_LAZY.update(dict.fromkeys(["ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts",
+                            "MoEBeamSearcher", "get_experts"], "hivesim.moe"))
 _LAZY["DecentralizedAverager"] = "hivesim.averaging"
+_LAZY["AllreduceException"] = "hivesim.averaging"
 _LAZY.update(dict.fromkeys(["Optimizer", "DiLoCoOptimizer", "ProgressTracker", "GlobalProgress"], "hivesim.optim"))
 
 
@@ -48,6 +49,7 @@ __all__ = [
     "DHT", "DHTNode", "SchemaValidator", "SignatureValidator", "ValueWithExpiration", "get_dht_time", "owner_marker",
     "BadMessage", "CallContext", "Endpoint", "Identity", "IdentityLinks", "PeerUnreachable", "RPCError",
     "RPCTimeout", "RemoteError", "ShapedLinks", "SizeAdaptiveCompression", "__version__",
-    "ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts",
-    "DecentralizedAverager", "Optimizer", "DiLoCoOptimizer", "ProgressTracker", "GlobalProgress",
+    "ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts", "MoEBeamSearcher",
+    "get_experts",
+    "DecentralizedAverager", "AllreduceException", "Optimizer", "DiLoCoOptimizer", "ProgressTracker", "GlobalProgress",
 ]

@@ -8,9 +8,10 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
-from hivesim import DHT, DecentralizedAverager
+from hivesim import DHT, AllreduceException, DecentralizedAverager
 
 
 def test_blocking_averager_on_dht_facades():
@@ -41,8 +42,10 @@ def test_blocking_averager_on_dht_facades():
                 a.add_(1.0)  # local changes persist
             with averagers[i].get_tensors() as (a, b):
                 assert a[0, 0].item() == 5.0
-        # a lone averager gives up within its timeout
-        assert averagers[0].step(timeout=1.0) is None
+        # a lone averager gives up within its timeout: hivemind's AllreduceException, or None when asked
+        with pytest.raises(AllreduceException):
+            averagers[0].step(timeout=1.0)
+        assert averagers[0].step(timeout=1.0, raise_on_failure=False) is None
     finally:
         for averager in averagers:
             averager.shutdown()

@@ -32,6 +32,14 @@ from hivesim.net.rpc import Endpoint
 logger = logging.getLogger(__name__)
 
 KEEP_BEFORE_NUMEL = 1 << 24  # up to this size a step keeps a copy so that local updates made meanwhile survive
+# ``target_group_size=None`` (hivemind's default): no upper bound on a group. Not a power of two, so the group
+# key does not grow bits for it; the group forms when matchmaking ends or nobody else is waiting.
+UNBOUNDED_GROUP_SIZE = 1_000_000
+
+
+class AllreduceException(Exception):
+    """An averaging step that did not average (no group formed in time), raised as hivemind raises it;
+    ``DecentralizedAverager.step(..., raise_on_failure=False)`` returns None instead."""
 
 
 class StepResult(dict):
@@ -61,7 +69,7 @@ class AveragerCore:
         endpoint, dht: the peer's endpoint and DHT node (handlers ``avg.<prefix>.*`` go on the endpoint).
         tensors: what to average; the core keeps its own copies (see :meth:`get_tensors`).
         prefix: the name of the averaged state; peers with the same prefix average together.
-        target_group_size, min_group_size: group size bounds.
+        target_group_size, min_group_size: group size bounds (``target_group_size=None``: no upper bound).
         initial_group_bits: the starting group key bits (e.g. a line of a Moshpit grid).
         key_manager: how the bits change between rounds (default: rotate by log2(target_group_size) bits).
         bandwidth: this peer's throughput (any unit shared by the swarm); parts are sized by it.
@@ -77,7 +85,7 @@ class AveragerCore:
     """
 
     def __init__(self, endpoint: Endpoint, dht: DHTNode, tensors: Sequence[torch.Tensor], *, prefix: str,
-                 target_group_size: int, min_group_size: int = 2, initial_group_bits: str = "",
+                 target_group_size: int | None, min_group_size: int = 2, initial_group_bits: str = "",
                  key_manager: GroupKeyManager | None = None, bandwidth: float | None = None,
                  client_mode: bool = False, auxiliary: bool = False, compression: Any = None,
                  matchmaking_time: float | None = None, allreduce_timeout: float | None = None,
@@ -106,6 +114,10 @@ class AveragerCore:
         self.auxiliary = auxiliary
         self.bandwidth = float(bandwidth or 1.0)
         self.codec = resolve_codec(compression)
+        if target_group_size is None:
+            target_group_size = UNBOUNDED_GROUP_SIZE
+        if isinstance(target_group_size, bool) or not isinstance(target_group_size, int):
+            raise TypeError(f"target_group_size must be an int or None (no limit), got {target_group_size!r}")
         self.target_group_size = target_group_size
         chunk = (target_group_size.bit_length() - 1) if target_group_size & (target_group_size - 1) == 0 else 0
         self.keys = key_manager or GroupKeyManager(prefix, initial_group_bits, chunk if initial_group_bits else 0)
@@ -252,16 +264,21 @@ class DecentralizedAverager:
         compression, allreduce_timeout, matchmaking_time: see :class:`AveragerCore`.
         start: register the averager right away (else call :meth:`run_in_background`).
 
+    ``target_group_size=None`` (hivemind's default) puts no upper bound on a group.
+
     Example::
 
         dht = DHT(initial_peers=peers)
         averager = DecentralizedAverager([w], dht, prefix="model", target_group_size=4)
-        result = averager.step(weight=batch_size)   # None if no group formed
+        try:
+            result = averager.step(weight=batch_size, timeout=30)
+        except AllreduceException:   # no group formed (or step(..., raise_on_failure=False) -> None)
+            result = None
         with averager.get_tensors() as (w_avg,):
             model.weight.copy_(w_avg)
     """
 
-    def __init__(self, averaged_tensors: Sequence[torch.Tensor], dht: Any, *, prefix: str, target_group_size: int,
+    def __init__(self, averaged_tensors: Sequence[torch.Tensor], dht: Any, *, prefix: str, target_group_size: int | None = None,
                  min_group_size: int = 2, initial_group_bits: str = "", bandwidth: float | None = None,
                  client_mode: bool = False, auxiliary: bool = False, compression: Any = None,
                  allreduce_timeout: float | None = None, matchmaking_time: float | None = None,
@@ -283,11 +300,39 @@ class DecentralizedAverager:
     def peer_id(self) -> bytes:
         return self.core.peer_id
 
-    def step(self, weight: float = 1.0, timeout: float | None = None, gather: Any = None,
-             wait: bool = True) -> StepResult | None | Any:
-        """Find a group and average; blocks (unless ``wait=False``: then a concurrent Future)."""
-        core = self.core
-        future = self.dht.run_coroutine(lambda _dht, _node: core.step(weight, timeout, gather), return_future=True)
+    def step(self, weight: float | None = 1.0, timeout: float | None = None, gather: Any = None, wait: bool = True, *,
+             allow_retries: bool = True, raise_on_failure: bool = True) -> StepResult | None | Any:
+        """Find a group and average; blocks until the round is over (``wait=False``: a concurrent Future of it).
+
+        hivemind's semantics, by keyword (the positional order differs from hivemind's ``step(gather, ...)``):
+        with ``allow_retries`` (default) a step that found no group tries again until ``timeout`` runs out;
+        ``allow_retries=False`` makes one attempt. A step that did not average raises
+        :class:`AllreduceException` (hivemind's), or, with ``raise_on_failure=False``, returns None (hivesim's
+        earlier behaviour, convenient in loops that just skip a round). Without a ``timeout`` a step makes one
+        matchmaking attempt (hivemind would retry forever). ``weight=None`` means 1.0.
+        Returns ``{peer_id: gathered}`` of the group, with the round's details as attributes."""
+        weight = 1.0 if weight is None else weight
+        core, prefix = self.core, self.core.prefix
+
+        async def attempts(_dht: Any, _node: Any) -> StepResult | None:
+            started = time.monotonic()
+            tries = 0
+            while True:
+                left = None if timeout is None else timeout - (time.monotonic() - started)
+                tries += 1
+                result = await core.step(weight, left, gather)
+                if result is not None:
+                    return result
+                left = None if timeout is None else timeout - (time.monotonic() - started)
+                if not allow_retries or left is None or left < 0.5:
+                    break
+            if raise_on_failure:
+                raise AllreduceException(f"averaging step failed: no group formed under {prefix!r} "
+                                         f"({tries} attempt{'s' if tries > 1 else ''}"
+                                         f"{f' in {timeout:g} s' if timeout is not None else ''})")
+            return None
+
+        future = self.dht.run_coroutine(attempts, return_future=True)
         if not wait:
             return future
         return future.result(None if timeout is None else timeout + 5.0)

@@ -3,16 +3,21 @@
 A validator sees every record a node stores and every record a lookup returns. ``sign_value`` runs on
 the writer before a record leaves; ``validate`` runs on every node that stores it and on every reader;
 ``strip_value`` undoes ``sign_value`` for the reader. Validators compose in order of ``priority``.
+
+Validators pickle (a ``DHT`` handed to another process takes its validators along, as hivemind's do): a
+:class:`SignatureValidator` carries its private key as raw bytes in the pickle, so treat such a pickle
+as the key itself.
 """
 
 from __future__ import annotations
 
+import copyreg
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgpack
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from hivesim.dht.storage import DHTRecord
 from hivesim.net.identity import Identity, canonical_bytes, verify
@@ -72,6 +77,12 @@ class SignatureValidator(RecordValidator):
     def __init__(self, identity: Identity | None = None) -> None:
         self.identity = identity or Identity()
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"private_key": self.identity.private_bytes()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.identity = Identity.from_private_bytes(state["private_key"])
+
     @property
     def local_public_key(self) -> bytes:
         return self.identity.public_key
@@ -124,23 +135,68 @@ def _unwrap(record: DHTRecord) -> tuple[bytes, bytes]:
 
 
 class SchemaValidator(RecordValidator):
-    """Values under keys that start with ``prefix`` must match a pydantic type (a model or any type hint).
+    """What values the DHT accepts, checked by every node that stores a record and by every reader.
 
-    Example: ``SchemaValidator("experts.", dict[str, int])`` or ``SchemaValidator("peers.", PeerInfo)``.
-    Applies to string keys only; the value checked is the one the writer passed to ``store``.
+    Two forms:
+
+    * hivemind's, **one key per field**: ``SchemaValidator(Model, prefix="run", allow_extra_keys=True)`` with
+      a pydantic model. The key ``"{prefix}_{field}"`` (``"{field}"`` without a prefix; a field's alias if it
+      has one) holds a value of that field's type; for a dict-typed field each subkey is one entry
+      (``{subkey: value}`` is checked). A value pydantic would have to convert (``"3"`` for ``int``) is
+      rejected, as hivemind does; use strict number types (``StrictInt``) where ``3.0`` must not pass for 3.
+      ``allow_extra_keys=False`` rejects every key that is not a field (use it with a single validator).
+    * hivesim's, **a key prefix**: ``SchemaValidator("experts.", ExpertInfo)``: every string key starting with
+      ``"experts."`` holds a value of that type (a model or any type hint), converted values allowed.
+
+    The value checked is the one the writer passed to ``store`` (inside an owner's signature).
     """
 
     priority = 5  # inside the signature: checks the value the owner signed
 
-    def __init__(self, prefix: str, schema: Any) -> None:
-        self.prefix = prefix
-        self.adapter = TypeAdapter(schema)
-        self.schema = schema
+    def __init__(self, schema: Any, type_: Any = None, *, prefix: str | None = None, allow_extra_keys: bool = True) -> None:
+        if isinstance(schema, str):  # SchemaValidator("experts.", ExpertInfo): a key prefix and a type
+            if type_ is None or prefix is not None:
+                raise TypeError("SchemaValidator(key_prefix, type) or SchemaValidator(Model, prefix=...)")
+            self._state = {"mode": "prefix", "prefix": schema, "schema": type_}
+        else:
+            if not (isinstance(schema, type) and issubclass(schema, BaseModel)) or type_ is not None:
+                raise TypeError(f"SchemaValidator(Model, prefix=...) takes a pydantic model class, got {schema!r}")
+            if prefix is not None and (not isinstance(prefix, str) or not prefix):
+                raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+            self._state = {"mode": "fields", "prefix": prefix, "schema": schema, "allow_extra_keys": allow_extra_keys}
+        self._build()
+
+    def _build(self) -> None:
+        state = self._state
+        self.schema = state["schema"]
+        self.prefix = state["prefix"]
+        self.allow_extra_keys = state.get("allow_extra_keys", True)
+        self.adapter: TypeAdapter | None = None
+        self.fields: dict[str, tuple[str, TypeAdapter]] = {}  # DHT key -> (field name, its adapter)
+        if state["mode"] == "prefix":
+            self.adapter = TypeAdapter(self.schema)
+            return
+        for name, info in self.schema.model_fields.items():
+            key = info.alias or name
+            if self.prefix is not None:
+                key = f"{self.prefix}_{key}"
+            hint = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            self.fields[key] = (name, TypeAdapter(hint))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self._state)  # adapters are rebuilt: TypeAdapter objects do not pickle
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._state = dict(state)
+        self._build()
 
     def validate(self, record: DHTRecord) -> None:
         try:
             key = msgpack.unpackb(record.key, raw=False)
         except Exception:
+            return
+        if self.adapter is None:
+            self._validate_field(key, record)
             return
         if not isinstance(key, str) or not key.startswith(self.prefix):
             return
@@ -154,6 +210,52 @@ class SchemaValidator(RecordValidator):
             raise RecordRejected(f"value under {key!r} does not match the schema for {self.prefix!r}*: {problems}") from None
         except Exception as e:
             raise RecordRejected(f"value under {key!r} is unreadable: {e}") from None
+
+    def _validate_field(self, key: Any, record: DHTRecord) -> None:
+        field = self.fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            if not self.allow_extra_keys:
+                raise RecordRejected(f"key {key!r} is not a field of {self.schema.__name__} (allow_extra_keys=False)")
+            return
+        name, adapter = field
+        raw = _unwrap(record)[0] if owners_of(record) else record.value
+        try:
+            value = msgpack.unpackb(raw, raw=False)
+            if record.subkey is not None:
+                value = {msgpack.unpackb(record.subkey, raw=False): value}
+        except Exception as e:
+            raise RecordRejected(f"value under {key!r} is unreadable: {e}") from None
+        try:
+            parsed = adapter.validate_python(value)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors()[:3])
+            raise RecordRejected(f"value under {key!r} does not match {self.schema.__name__}.{name}: {problems}") from None
+        if _plain(adapter.dump_python(parsed)) != _plain(value):
+            raise RecordRejected(f"value under {key!r} would have to be converted to match {self.schema.__name__}.{name} "
+                                 f"(got {value!r}); store it as the field's type")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: msgpack brings every sequence back as a list."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _identity_from_private_bytes(data: bytes) -> Identity:
+    return Identity.from_private_bytes(data)
+
+
+def _reduce_identity(identity: Identity) -> tuple[Any, tuple[bytes]]:
+    return _identity_from_private_bytes, (identity.private_bytes(),)
+
+
+if not any(name in vars(Identity) for name in ("__reduce__", "__reduce_ex__", "__getstate__")):
+    # an Identity pickles as its raw private key (the Ed25519 key object itself does not pickle); the
+    # natural home is Identity.__reduce__ in hivesim/net/identity.py, and this defers to one once it exists
+    copyreg.pickle(Identity, _reduce_identity)
 
 
 class CompositeValidator(RecordValidator):
