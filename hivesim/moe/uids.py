@@ -111,7 +111,7 @@ def read_declarations(entries: Any, now: float, allowed_owners: Collection[bytes
     for coord, owners in by_coord.items():
         remembered = first_owner.get(coord) if first_owner is not None else None
         owner = remembered if remembered in owners else min(owners)
-        if first_owner is not None:
+        if first_owner is not None and (coord in first_owner or len(first_owner) < 65536):  # bounded memory
             first_owner[coord] = owner
         out[coord] = owners[owner]
     return out
