@@ -27,19 +27,24 @@ class ExpertClass:
     name: str
     factory: Callable[..., nn.Module]
     sample_shape: Callable[[int], tuple[int, ...]]  # hidden_dim -> shape of one sample (no batch dim)
+    # hidden_dim -> shape of one output row; None: the same as the input sample (every built-in type).
+    # Servers refuse gradients and clients refuse outputs that do not have it, so it must be right.
+    output_shape: Callable[[int], tuple[int, ...]] | None = None
 
 
 EXPERT_CLASSES: dict[str, ExpertClass] = {}
 
 
-def register_expert_class(name: str, sample_shape: Callable[[int], tuple[int, ...]] | None = None) -> Callable:
+def register_expert_class(name: str, sample_shape: Callable[[int], tuple[int, ...]] | None = None,
+                          output_shape: Callable[[int], tuple[int, ...]] | None = None) -> Callable:
     """Class decorator: make ``name`` buildable by :func:`make_expert`. The class takes ``hidden_dim``
-    (plus any keyword arguments) in its constructor; ``sample_shape(hidden_dim)`` is one sample's shape."""
+    (plus any keyword arguments) in its constructor; ``sample_shape(hidden_dim)`` is one sample's shape and
+    ``output_shape(hidden_dim)`` one output row's (default: the sample's)."""
 
     def register(cls: type[nn.Module]) -> type[nn.Module]:
         if name in EXPERT_CLASSES and EXPERT_CLASSES[name].factory is not cls:
             raise ValueError(f"an expert class named {name!r} is already registered")
-        EXPERT_CLASSES[name] = ExpertClass(name, cls, sample_shape or (lambda hid: (hid,)))
+        EXPERT_CLASSES[name] = ExpertClass(name, cls, sample_shape or (lambda hid: (hid,)), output_shape)
         return cls
 
     return register
@@ -56,6 +61,14 @@ def sample_shape(name: str, hidden_dim: int) -> tuple[int, ...]:
     if name not in EXPERT_CLASSES:
         raise ValueError(f"unknown expert class {name!r}; registered: {sorted(EXPERT_CLASSES)}")
     return tuple(EXPERT_CLASSES[name].sample_shape(hidden_dim))
+
+
+def output_shape(name: str, hidden_dim: int) -> tuple[int, ...]:
+    """The shape of one output row of a registered expert type (its schema: what clients accept)."""
+    if name not in EXPERT_CLASSES:
+        raise ValueError(f"unknown expert class {name!r}; registered: {sorted(EXPERT_CLASSES)}")
+    known = EXPERT_CLASSES[name]
+    return tuple((known.output_shape or known.sample_shape)(hidden_dim))
 
 
 @register_expert_class("ffn")

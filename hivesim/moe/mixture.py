@@ -14,6 +14,12 @@ Backward sends each answering expert the gradient of its rows (it updates itself
 gradients that come back; an expert that fails or is late in backward contributes zero. A sample that no
 expert answered raises :class:`NoExpertsAvailable`, or yields zeros with ``allow_zero_outputs=True``.
 Experts that failed are banned from the search for ``ban_time`` seconds.
+
+An expert's reply is checked before it is used (:func:`hivesim.moe.remote.checked_reply`): an output that
+is not ``[rows, out_features]``, not floating point or not finite, and an input gradient that is not
+``[rows, in_features]`` and finite, count as that expert failing (``forward_bad_replies`` /
+``backward_bad_replies`` in :attr:`stats`): the expert is dropped and banned like a dead one and the
+samples are renormalised over the experts that answered well.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import nn
 
 from hivesim.moe.beam_search import FoundExpert, MoEBeamSearcher
 from hivesim.moe.bridge import Bridge
-from hivesim.moe.remote import ExpertError, call_backward, call_forward
+from hivesim.moe.remote import ExpertError, ExpertFailed, call_backward, call_forward
 
 
 class NoExpertsAvailable(RuntimeError):
@@ -154,7 +160,7 @@ class RemoteMixtureOfExperts(nn.Module):
             async def ask(expert: FoundExpert, rows: list[tuple[int, int]]) -> torch.Tensor:
                 index = torch.tensor([b for b, _ in rows])
                 return await call_forward(self._bridge.endpoint, expert.uid, expert.address, x[index],
-                                          max(0.01, deadline - loop.time()))
+                                          max(0.01, deadline - loop.time()), (self.out_features,))
 
             tasks = {asyncio.ensure_future(ask(e, rows)): e for e, rows in groups.items()}
             needs = [min(self.k_min, len(chosen[b])) if b in set(rows_to_ask) else 0 for b in range(x.shape[0])]
@@ -205,6 +211,8 @@ class RemoteMixtureOfExperts(nn.Module):
                         answered[rows] += 1
                     else:
                         self.stats[f"{kind}_failures"] += 1
+                        if isinstance(error, ExpertFailed) and error.remote_type == "BadReply":
+                            self.stats[f"{kind}_bad_replies"] += 1
                         if isinstance(error, ExpertError):
                             self.searcher.ban(expert.uid, self.ban_time)
                 if grace_deadline is None and np.all((answered >= need) | (outstanding == 0)):
@@ -269,14 +277,18 @@ class _MoECall(torch.autograd.Function):
         for b, experts in enumerate(chosen):
             for j, expert in enumerate(experts):
                 coords[b, j] = torch.tensor(expert.coords)
+        kept = []
         for expert, rows, y in answered:
-            if y.dim() != 2 or y.shape[1] != moe.out_features:
-                raise ValueError(f"expert {expert.uid} returned shape {list(y.shape)}, expected [n, {moe.out_features}]")
+            if tuple(y.shape) != (len(rows), moe.out_features):  # call_forward checked it; never trust a shape
+                moe.stats["forward_bad_replies"] += 1
+                continue
+            kept.append((expert, rows, y))
             b_index = torch.tensor([b for b, _ in rows])
             j_index = torch.tensor([j for _, j in rows])
             outputs[b_index, j_index] = y.to(outputs.dtype)
             mask[b_index, j_index] = True
         moe.stats["forwards"] += 1
+        answered = kept
         moe.stats["expert_calls"] += len(answered)
         empty = ~mask.any(dim=1)
         if empty.any():

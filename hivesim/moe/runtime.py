@@ -7,6 +7,13 @@ event loop, and a busy expert runs large batches instead of many small ones. Bac
 forward pass (servers keep no activations between a client's forward and backward: the backward may
 never come), back-propagates the pooled gradients and takes one optimizer step: experts train
 asynchronously, as in learning@home.
+
+Clients are not trusted. Each request is checked on its own before it joins a batch, so one bad request
+fails only itself: its shape and dtype against the expert's schema when it is submitted (cheap, on the
+event loop), its values (NaN/inf) in the runtime thread. After a pooled backward the parameter gradients
+must be finite too (finite but huge inputs can still overflow); if they are not, the batch is redone one
+request at a time and only the requests whose own gradients are finite are applied, so the expert's
+parameters never take a non-finite step. Refused and skipped requests are counted in :class:`RuntimeStats`.
 """
 
 from __future__ import annotations
@@ -46,14 +53,25 @@ class ExpertBackend:
     device: torch.device = field(default_factory=default_device)
     forwards: int = 0
     backwards: int = 0
+    # shape of one output row: the gradients the server accepts and the outputs clients accept. None: the
+    # registered type's (see experts.output_shape), else the sample shape.
+    output_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
         self.module.to(self.device)
+        self.sample_shape = tuple(int(d) for d in self.sample_shape)
+        if self.output_shape is None:
+            from hivesim.moe.experts import EXPERT_CLASSES, output_shape
+
+            known = self.expert_cls in EXPERT_CLASSES and EXPERT_CLASSES[self.expert_cls].output_shape is not None
+            self.output_shape = output_shape(self.expert_cls, self.hidden_dim) if known else self.sample_shape
+        self.output_shape = tuple(int(d) for d in self.output_shape)
 
     def info(self) -> dict[str, Any]:
         return {"uid": self.uid, "expert_cls": self.expert_cls, "hidden_dim": self.hidden_dim,
-                "sample_shape": list(self.sample_shape), "forwards": self.forwards, "backwards": self.backwards}
+                "sample_shape": list(self.sample_shape), "output_shape": list(self.output_shape or ()),
+                "forwards": self.forwards, "backwards": self.backwards}
 
     def state(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(),
@@ -89,9 +107,57 @@ class RuntimeStats:
     compute_seconds: float = 0.0
     busy_seconds: float = 0.0  # compute plus batching (concatenate, split, device copies)
     errors: int = 0
+    refused_requests: int = 0  # shape/dtype/size does not fit the expert: refused when submitted
+    nonfinite_inputs: int = 0  # a request carrying NaN/inf (input or output gradient): refused before pooling
+    nonfinite_gradients: int = 0  # a request whose own parameter gradients were NaN/inf: not applied
+    isolated_batches: int = 0  # pooled backwards redone one request at a time to drop a non-finite one
+    skipped_steps: int = 0  # backward batches with no finite contribution: no optimizer step
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
+
+
+class BadRequest(ValueError):
+    """A request whose tensors do not fit the expert (shape, dtype, size): refused before it is queued."""
+
+
+class NonFiniteRequest(ValueError):
+    """A request with NaN/inf values, or whose gradients came out NaN/inf: refused, nothing applied."""
+
+
+def check_request(kind: str, backend: ExpertBackend, tensors: tuple[torch.Tensor, ...], max_rows: int | None = None) -> None:
+    """Raise unless ``tensors`` fit ``backend``'s schema, so a request that could not be pooled never is.
+
+    Forward: ``(x,)``; backward: ``(x, grad_output)``. Only metadata is read (cheap on the event loop);
+    the values are checked in the runtime thread. A gradient of the wrong shape raises a plain ValueError
+    (what servers answered before this check moved ahead of pooling)."""
+    want = {"forward": 1, "backward": 2}.get(kind)
+    if want is None or len(tensors) != want or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise BadRequest(f"a {kind} request takes {want} tensors")
+    x = tensors[0]
+    if not x.is_floating_point():
+        raise BadRequest(f"the input must be a floating point tensor, got {x.dtype}")
+    if x.dim() != 1 + len(backend.sample_shape) or tuple(x.shape[1:]) != backend.sample_shape:
+        raise BadRequest(f"the input must have shape [batch, {', '.join(map(str, backend.sample_shape))}], "
+                         f"got {list(x.shape)}")
+    rows = int(x.shape[0])
+    if rows < 1 or (max_rows is not None and rows > max_rows):
+        raise BadRequest(f"a request carries 1..{max_rows or 'any'} samples, got {rows}")
+    if kind == "backward":
+        g = tensors[1]
+        if not g.is_floating_point():
+            raise BadRequest(f"the output gradient must be a floating point tensor, got {g.dtype}")
+        expected = (rows, *(backend.output_shape or backend.sample_shape))
+        if tuple(g.shape) != expected:
+            raise ValueError(f"gradient has shape {tuple(g.shape)}, the output {expected}")
+
+
+def all_finite(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> bool:
+    """True when every value of every tensor is finite (one device sync for all of them)."""
+    tensors = [t for t in tensors if t is not None and t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 class Runtime:
@@ -128,8 +194,17 @@ class Runtime:
     # ------------------------------------------------------------------ submitting (any thread)
 
     def submit(self, kind: str, uid: str, *tensors: torch.Tensor) -> Future:
+        """Queue one request; raises :class:`BadRequest` (or ValueError) at once if it does not fit the expert."""
         if self._thread is None:
             raise RuntimeError("the runtime is not running")
+        backend = self.backends.get(uid)
+        if backend is None:
+            raise KeyError(f"no expert {uid!r} on this server")
+        try:
+            check_request(kind, backend, tensors)
+        except ValueError:
+            self.stats.refused_requests += 1
+            raise
         future: Future = Future()
         size = int(tensors[0].shape[0]) if tensors else 0
         self._queue.put(_Task(kind, uid, tensors, size, future, time.perf_counter()))
@@ -200,15 +275,22 @@ class Runtime:
         total = 0
         while tasks_waiting and (not batch or total + tasks_waiting[0].size <= self.max_batch_size):
             task = tasks_waiting.popleft()
-            if task.future.set_running_or_notify_cancel():  # skip requests whose caller gave up
-                batch.append(task)
-                total += task.size
+            if not task.future.set_running_or_notify_cancel():  # skip requests whose caller gave up
+                continue
+            if not all_finite(task.tensors):  # one poisoned request must not reach the others' batch
+                self.stats.nonfinite_inputs += 1
+                self.stats.requests += 1
+                task.future.set_exception(NonFiniteRequest(f"the {task.kind} request carries NaN or inf values"))
+                continue
+            batch.append(task)
+            total += task.size
         if not tasks_waiting:
             del self._pending[key]
         if not batch:
             return
         uid, kind = key
         started = time.perf_counter()
+        results: list[Any]
         try:
             backend = self.backends.get(uid)
             if backend is None:
@@ -220,15 +302,17 @@ class Runtime:
         except BaseException as e:  # noqa: BLE001 - an expert failing must not stop the runtime
             self.stats.errors += 1
             logger.debug("expert %s %s failed", uid, kind, exc_info=True)
-            for task in batch:
-                task.future.set_exception(e)
-        else:
-            for task, result in zip(batch, results):
-                task.future.set_result(result)
+            results = [e] * len(batch)
+        # stats first: a caller woken by its result must find them counted
         self.stats.batches += 1
         self.stats.requests += len(batch)
         self.stats.samples += total
         self.stats.busy_seconds += time.perf_counter() - started
+        for task, result in zip(batch, results):
+            if isinstance(result, BaseException):
+                task.future.set_exception(result)
+            else:
+                task.future.set_result(result)
 
     def _forward(self, backend: ExpertBackend, batch: list[_Task]) -> list[torch.Tensor]:
         x = _join([t.tensors[0] for t in batch], backend.device)
@@ -240,23 +324,71 @@ class Runtime:
         backend.forwards += 1
         return _split(y, batch)
 
-    def _backward(self, backend: ExpertBackend, batch: list[_Task]) -> list[torch.Tensor]:
+    def _backward(self, backend: ExpertBackend, batch: list[_Task]) -> list[torch.Tensor | BaseException]:
+        """Pooled backward and one optimizer step; a batch whose gradients came out non-finite is redone
+        request by request (:meth:`_backward_each`) so that only finite contributions are applied."""
         x = _join([t.tensors[0] for t in batch], backend.device)
         grad = _join([t.tensors[1] for t in batch], backend.device)
+        params = [p for p in backend.module.parameters() if p.requires_grad]
         t0 = time.perf_counter()
+        for p in params:  # gradients left by anyone else must not be applied with ours
+            p.grad = None
         with torch.enable_grad():
             x.requires_grad_(True)
             y = backend.module(x)
             if y.shape != grad.shape:
                 raise ValueError(f"gradient has shape {tuple(grad.shape)}, the output {tuple(y.shape)}")
             torch.autograd.backward(y, grad)
-        if backend.optimizer is not None:
-            backend.optimizer.step()
-            backend.optimizer.zero_grad(set_to_none=True)
+        if all_finite([x.grad, *(p.grad for p in params)]):
+            results: list[torch.Tensor | BaseException] = list(_split(x.grad, batch))
+            self._step(backend, params, True)
+        else:
+            results = self._backward_each(backend, batch, params)
         _sync(backend.device)
         self.stats.compute_seconds += time.perf_counter() - t0
-        backend.backwards += 1
-        return _split(x.grad, batch)
+        return results
+
+    def _backward_each(self, backend: ExpertBackend, batch: list[_Task],
+                       params: list[nn.Parameter]) -> list[torch.Tensor | BaseException]:
+        """Redo a pooled backward one request at a time, summing only the finite parameter gradients."""
+        self.stats.isolated_batches += 1
+        refused = NonFiniteRequest("this request's gradients came out NaN or inf; it was not applied")
+        if len(batch) == 1:  # nothing to separate: the one request is the bad one
+            self.stats.nonfinite_gradients += 1
+            self._step(backend, params, False)
+            return [refused]
+        total: list[torch.Tensor | None] = [None] * len(params)
+        results: list[torch.Tensor | BaseException] = []
+        for task in batch:
+            for p in params:
+                p.grad = None
+            x = task.tensors[0].to(backend.device).requires_grad_(True)
+            with torch.enable_grad():
+                torch.autograd.backward(backend.module(x), task.tensors[1].to(backend.device))
+            grads = [p.grad for p in params]
+            if not all_finite([x.grad, *grads]):
+                self.stats.nonfinite_gradients += 1
+                results.append(refused)
+                continue
+            total = [t if g is None else (g if t is None else t + g) for t, g in zip(total, grads)]
+            results.append(_split(x.grad, [task])[0])
+        for p, g in zip(params, total):
+            p.grad = g
+        self._step(backend, params, any(not isinstance(r, BaseException) for r in results))
+        return results
+
+    def _step(self, backend: ExpertBackend, params: list[nn.Parameter], apply: bool) -> None:
+        """Take the optimizer step (or count a skipped one), then drop the gradients either way."""
+        if backend.optimizer is not None:
+            if apply:
+                backend.optimizer.step()
+            backend.optimizer.zero_grad(set_to_none=True)
+        if apply:
+            backend.backwards += 1  # backward batches applied
+        else:
+            self.stats.skipped_steps += 1
+        for p in params:
+            p.grad = None
 
 
 def _join(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

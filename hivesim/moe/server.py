@@ -7,8 +7,12 @@ Wire methods (payloads are msgpack maps, tensors travel as raw frames):
 * ``moe.info``     ``{"uid"}``            -> the expert's type, hidden size and sample shape
 
 A request that makes no sense (unknown uid, a non-tensor, wrong sample shape, too many samples) is
-answered with a typed error and changes nothing; the server keeps serving. Experts are re-declared in
-the DHT every ``update_period`` seconds with an expiration ``expiration`` seconds ahead, and are saved
+answered with a typed error and changes nothing; the server keeps serving. Each request is checked on
+its own before it is pooled with others (see :mod:`hivesim.moe.runtime`): NaN/inf values are refused and a
+backward whose gradients come out non-finite is not applied, so one client cannot poison an expert or
+fail other clients' calls. A streamed request declaring more than ``max_request_bytes`` or rows that do not
+fit is refused from its header, before its bytes arrive (see :mod:`hivesim.moe.validation`). Experts are
+re-declared in the DHT every ``update_period`` seconds with an expiration ``expiration`` seconds ahead, and are saved
 to ``checkpoint_dir`` every ``checkpoint_period`` seconds and at :meth:`stop`; :meth:`start` restores
 what that folder holds.
 """
@@ -30,6 +34,7 @@ from hivesim.dht.storage import get_dht_time
 from hivesim.moe.experts import make_expert, sample_shape
 from hivesim.moe.runtime import ExpertBackend, Runtime, default_device
 from hivesim.moe.uids import declaration_items, expand_pattern, parse_uid
+from hivesim.moe.validation import RequestGuard, check_declared, default_max_request_bytes
 from hivesim.net.rpc import CallContext, Endpoint
 
 logger = logging.getLogger(__name__)
@@ -63,6 +68,10 @@ class ExpertServer:
             is how often the server re-declares.
         checkpoint_dir, checkpoint_period: where and how often experts are saved.
         max_request_samples: largest batch one request may carry (default ``8 * max_batch_size``).
+        max_request_bytes: most bytes one forward/backward request may declare; larger streamed requests
+            are refused from their header (default: ``max_request_samples`` float64 rows of input and
+            output gradient, plus 1 MiB). A server that binds its own endpoint also caps every message
+            there at this size.
     """
 
     def __init__(
@@ -77,6 +86,7 @@ class ExpertServer:
         checkpoint_dir: str | Path | None = None,
         checkpoint_period: float | None = None,
         max_request_samples: int | None = None,
+        max_request_bytes: int | None = None,
     ) -> None:
         for uid in backends:
             parse_uid(uid)
@@ -90,6 +100,8 @@ class ExpertServer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_period = checkpoint_period
         self.max_request_samples = max_request_samples or 8 * max_batch_size
+        self.max_request_bytes = int(max_request_bytes or default_max_request_bytes(backends, self.max_request_samples))
+        self.guard = RequestGuard(frozenset({FORWARD, BACKWARD}), self.max_request_bytes, self._admit_declared)
         self.declarations = 0
         self.restored: list[str] = []  # uids restored from checkpoint_dir at start
         self.declaration_failures = 0
@@ -152,11 +164,12 @@ class ExpertServer:
         if node is not None:
             self._endpoint = node.endpoint
         elif self._endpoint is None:
-            self._endpoint = await Endpoint().start()
+            self._endpoint = await Endpoint(max_message_bytes=self.max_request_bytes).start()
             self._owns_endpoint = True
         if self.checkpoint_dir is not None:
             self.restored = await asyncio.get_running_loop().run_in_executor(None, self.load_checkpoint)
         self.runtime.start()
+        self.guard.install(self.endpoint)
         self.endpoint.register(FORWARD, self._rpc_forward, replace=True)
         self.endpoint.register(BACKWARD, self._rpc_backward, replace=True)
         self.endpoint.register(INFO, self._rpc_info, replace=True)
@@ -181,6 +194,7 @@ class ExpertServer:
         self._tasks.clear()
         for name in (FORWARD, BACKWARD, INFO):
             self.endpoint.unregister(name)
+        self.guard.uninstall()
         if save and self.checkpoint_dir is not None:
             await self.save_checkpoint()
         await asyncio.get_running_loop().run_in_executor(None, self.runtime.stop)
@@ -287,6 +301,10 @@ class ExpertServer:
             raise BadExpertRequest(f"a request carries 1..{self.max_request_samples} samples, got {x.shape[0]}")
         return x.float()
 
+    def _admit_declared(self, payload: Any) -> None:
+        """The header check of a streamed request (its tensors described, not received yet)."""
+        check_declared(payload, self.backends, self.max_request_samples)
+
     async def _rpc_forward(self, payload: Any, ctx: CallContext) -> dict:
         backend = self._backend(payload)
         x = self._tensor(payload, "x", backend)
@@ -304,4 +322,5 @@ class ExpertServer:
         return self._backend(payload).info()
 
     def status(self) -> dict[str, Any]:
-        return {"experts": len(self.backends), "declarations": self.declarations, **self.runtime.stats.as_dict()}
+        return {"experts": len(self.backends), "declarations": self.declarations, **self.runtime.stats.as_dict(),
+                **self.guard.stats}
