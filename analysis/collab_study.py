@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -52,6 +53,9 @@ def _read_samples(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+START_WINDOW_S = 10.0  # evaluations before any step, this soon after the first one, are the common starting point
+
+
 def method_data(samples: list[dict[str, Any]], group: str | None) -> dict[str, Any]:
     """Curve and headline numbers of one method (the trainers of ``group``, or every trainer)."""
     mine = sorted((s for s in samples if group is None or s["peer"].split(".", 1)[0] == group), key=lambda s: s["t"])
@@ -70,6 +74,8 @@ def method_data(samples: list[dict[str, Any]], group: str | None) -> dict[str, A
             latest_bytes[s["peer"]] = s["bytes_sent_total"]
         if s["name"] == "eval":
             key = s.get("epoch", 0) if s.get("samples_total", 0) else "start"
+            if key == "start" and s["t"] - t0 > START_WINDOW_S:
+                continue  # a newcomer's evaluation before it downloaded the swarm's state: not the swarm's loss
             groups[key].append((s["t"] - t0, s["value"], sum(latest_samples.values()),
                                 sum(latest_bytes.values()) / max(1, len(latest_bytes))))
     curve = []
@@ -173,6 +179,7 @@ def make_study(study_dir: str | Path) -> list[Path]:
             if target is not None:
                 ax.axhline(target, color="gray", lw=0.8, ls="--")
         row_axes[2].set_xscale("log")
+        row_axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
         row_axes[0].legend(fontsize=8)
         row_axes[0].set_title(f"{title}: loss vs wall time")
         row_axes[1].set_title(f"{title}: loss vs samples")
@@ -187,7 +194,7 @@ def make_study(study_dir: str | Path) -> list[Path]:
     plt.close(fig)
 
     reference = {r["setup"]: r for r in rows if r["method"] == "gradient_averaging" and r.get("lib") != "hivemind"}
-    lines = [f"# Collaborative-training study", "", f"Command: `{study.get('command', '')}`", "",
+    lines = [f"# Collaborative-training study", "", *(f"Command: `{c}`" for c in study.get("commands", [study.get("command", "")])), "",
              f"Target loss: {target} (the worst final loss of the collaborative hivesim methods, so that each reaches it).",
              "", "| run | setup | trainers | final loss | samples | wall (s) | bytes/peer | bytes/peer to target | "
              "vs gradient averaging | compute utilisation | rounds all averaged |",

@@ -281,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     index_path = out / "study.json"
     study = json.loads(index_path.read_text()) if index_path.exists() and args.only else {"runs": []}
-    study.update(config=cfg, command="python -m experiments.collab_study --out " + str(args.out) + (" --short" if args.short else "")
-                 + ("" if not args.only else " --only " + " ".join(f"'{x}'" if " " in x else x for x in args.only)))
+    command = ("python -m experiments.collab_study --out " + str(args.out) + (" --short" if args.short else "")
+               + ("" if not args.only else " --only " + " ".join(f"'{x}'" if " " in x else x for x in args.only)))
+    # a study filled in by several invocations (--only) lists each of them
+    study.update(config=cfg, commands=[*study.get("commands", [study["command"]] if "command" in study else []), command])
+    study.pop("command", None)
     entries = [e for e in plan(cfg) if not args.only or e["label"] in args.only]
     done_dirs: dict[tuple[str, tuple[str, ...]], Path] = {}
     for entry in entries:

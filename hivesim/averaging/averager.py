@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hivesim.averaging.allreduce import AllReduce, FaultHook, RoundReport, offload
+from hivesim.averaging.robust import Aggregation
 from hivesim.averaging.grid import GroupKeyManager, check_bits
 from hivesim.averaging.matchmaking import BanList, GroupInfo, Matchmaker
 from hivesim.averaging.timing import AdaptiveDeadline
@@ -82,6 +83,9 @@ class AveragerCore:
             strict Moshpit grid).
         early_start: start a group that is not full before the deadline when nobody else is waiting.
         fault_hook: ``async hook(event, state)`` called at ``"group"`` and ``"reduced"`` (fault injection).
+        aggregation: how this peer reduces its part: ``"mean"`` (default), or a Byzantine-robust rule
+            (``"centered_clip"``, ``"trimmed_mean"``, ``"median"``, or an :class:`Aggregation` with parameters;
+            see :mod:`hivesim.averaging.robust`).
     """
 
     def __init__(self, endpoint: Endpoint, dht: DHTNode, tensors: Sequence[torch.Tensor], *, prefix: str,
@@ -90,7 +94,8 @@ class AveragerCore:
                  client_mode: bool = False, auxiliary: bool = False, compression: Any = None,
                  matchmaking_time: float | None = None, allreduce_timeout: float | None = None,
                  request_timeout: float = 3.0, ban_time: float = 30.0, merge_when_alone: bool = True,
-                 early_start: bool = True, fault_hook: FaultHook | None = None) -> None:
+                 early_start: bool = True, fault_hook: FaultHook | None = None,
+                 aggregation: "str | Aggregation | None" = None) -> None:
         if not tensors:
             raise ValueError("nothing to average: pass at least one tensor")
         if client_mode and auxiliary:
@@ -131,7 +136,7 @@ class AveragerCore:
                                      min_group_size=min_group_size, client_mode=client_mode, bans=self.bans,
                                      request_timeout=request_timeout, merge_when_alone=merge_when_alone,
                                      early_start=early_start)
-        self.allreduce = AllReduce(endpoint, name, self.bans, fault_hook)
+        self.allreduce = AllReduce(endpoint, name, self.bans, fault_hook, aggregation)
         self.fault_hook = fault_hook
         self.started = False
         self.steps = 0
