@@ -129,6 +129,24 @@ def test_a_poisoned_request_pooled_with_honest_ones_is_dropped_and_theirs_applie
         assert status["nonfinite_gradients"] == 1 and status["isolated_batches"] >= 1
 
 
+def test_max_grad_norm_keeps_huge_finite_gradients_from_freezing_adam():
+    """1e21 gradients are finite, so they pass the finite checks; squared in Adam's second moment they are
+    inf, which would freeze the expert for good. ``max_grad_norm`` bounds what one backward can apply."""
+    torch.manual_seed(0)
+    with swarm() as s:
+        server = s.host(ExpertServer.create(["ffn.0"], "ffn", 8, seed=0,
+                                            optimizer=lambda p: torch.optim.Adam(p, lr=1e-2)))
+        server.backends["ffn.0"].max_grad_norm = 1.0
+        client = s.client()
+        reply = _call(client, server.address, "moe.backward",
+                      {"uid": "ffn.0", "x": torch.randn(4, 8), "g": torch.randn(4, 8) * 1e21})
+        assert isinstance(reply, dict)
+        state = server.backends["ffn.0"].optimizer.state
+        assert state and all(bool(torch.isfinite(v).all()) for st in state.values() for v in st.values()
+                             if isinstance(v, torch.Tensor))
+        assert _params_finite(server, "ffn.0")
+
+
 # ---------------------------------------------------------------------------------------------- 2. pooling
 
 

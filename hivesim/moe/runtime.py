@@ -56,6 +56,9 @@ class ExpertBackend:
     # shape of one output row: the gradients the server accepts and the outputs clients accept. None: the
     # registered type's (see experts.output_shape), else the sample shape.
     output_shape: tuple[int, ...] | None = None
+    # clip each applied backward's parameter gradient to this norm: finite but huge gradients (an
+    # attacker's 1e20s) would otherwise blow SGD's parameters or Adam's second moment up to inf
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -381,6 +384,8 @@ class Runtime:
         """Take the optimizer step (or count a skipped one), then drop the gradients either way."""
         if backend.optimizer is not None:
             if apply:
+                if backend.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], backend.max_grad_norm)
                 backend.optimizer.step()
             backend.optimizer.zero_grad(set_to_none=True)
         if apply:
