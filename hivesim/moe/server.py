@@ -101,7 +101,7 @@ class ExpertServer:
         self.checkpoint_period = checkpoint_period
         self.max_request_samples = max_request_samples or 8 * max_batch_size
         self.max_request_bytes = int(max_request_bytes or default_max_request_bytes(backends, self.max_request_samples))
-        self.guard = RequestGuard(frozenset({FORWARD, BACKWARD}), self.max_request_bytes, self._admit_declared)
+        self.guard = RequestGuard(self.max_request_bytes, self._admit_declared)
         self.declarations = 0
         self.restored: list[str] = []  # uids restored from checkpoint_dir at start
         self.declaration_failures = 0
@@ -169,9 +169,8 @@ class ExpertServer:
         if self.checkpoint_dir is not None:
             self.restored = await asyncio.get_running_loop().run_in_executor(None, self.load_checkpoint)
         self.runtime.start()
-        self.guard.install(self.endpoint)
-        self.endpoint.register(FORWARD, self._rpc_forward, replace=True)
-        self.endpoint.register(BACKWARD, self._rpc_backward, replace=True)
+        self.endpoint.register(FORWARD, self._rpc_forward, replace=True, admit=self.guard.check)
+        self.endpoint.register(BACKWARD, self._rpc_backward, replace=True, admit=self.guard.check)
         self.endpoint.register(INFO, self._rpc_info, replace=True)
         self._running = True
         self.started_at = time.monotonic()
@@ -194,7 +193,6 @@ class ExpertServer:
         self._tasks.clear()
         for name in (FORWARD, BACKWARD, INFO):
             self.endpoint.unregister(name)
-        self.guard.uninstall()
         if save and self.checkpoint_dir is not None:
             await self.save_checkpoint()
         await asyncio.get_running_loop().run_in_executor(None, self.runtime.stop)

@@ -10,10 +10,10 @@ limit. A refused request is answered with a ``BadMessage`` error at once; its ch
 and are dropped as they come (counted in the endpoint's ``dropped_stray_chunks``), so nothing of it is
 held.
 
-The RPC layer has no per-method admission hook yet, so the guard wraps the endpoint's
-``streams.read_head`` (the one place a header is checked before anything is allocated) and passes every
-other message through untouched. Requests small enough to travel inline have already arrived whole when
-the header is read; the handlers check those, with their own typed errors.
+The guard is the endpoint's admission hook for the forward and backward methods
+(``Endpoint.register(name, handler, admit=guard.check)``), which runs before anything is allocated.
+Requests small enough to travel inline have already arrived whole when the header is read; the handlers
+check those, with their own typed errors.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from hivesim.net.serialization import EXT_NDARRAY, EXT_TENSOR
 
 logger = logging.getLogger(__name__)
 
-_REQUEST = 0  # the message kind of a request in hivesim.net.rpc's headers
 _FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 
@@ -84,51 +83,23 @@ def check_declared(payload: Any, backends: Mapping[str, Any], max_rows: int) -> 
 
 
 class RequestGuard:
-    """Refuses streamed requests to ``methods`` whose header declares too much or the wrong tensors.
+    """Refuses streamed requests whose header declares too much or the wrong tensors.
 
     Args:
-        methods: the method names guarded (the expert server's forward and backward).
         max_bytes: most bytes one request may declare, all its buffers and body together.
         admit: ``admit(payload)`` raises BadMessage for a request whose declared tensors do not fit.
     """
 
-    def __init__(self, methods: frozenset[str], max_bytes: int, admit: Callable[[Any], None]) -> None:
-        self.methods = methods
+    def __init__(self, max_bytes: int, admit: Callable[[Any], None]) -> None:
         self.max_bytes = int(max_bytes)
         self.admit = admit
         self.stats: Counter[str] = Counter()
-        self._streams: Any = None
-        self._original: Any = None
-        self._wrapper: Any = None
-        self.active = False
 
-    def install(self, endpoint: Any) -> "RequestGuard":
-        """Check every request header that ``endpoint`` reads from now on (until :meth:`uninstall`)."""
-        streams = endpoint.streams
-        original = streams.read_head
-
-        def read_head(header: dict, frames: list, peer: Any, into: Any) -> Any:
-            if self.active and header.get("k") == _REQUEST and header.get("m") in self.methods and header.get("S"):
-                self.check(header)
-            return original(header, frames, peer, into)
-
-        streams.read_head = read_head
-        self._streams, self._original, self._wrapper = streams, original, read_head
-        self.active = True
-        return self
-
-    def uninstall(self) -> None:
-        """Stop checking; unwrap the endpoint if nobody wrapped it after us."""
-        self.active = False
-        if self._streams is not None and self._streams.read_head is self._wrapper:
-            if getattr(self._original, "__self__", None) is self._streams:
-                del self._streams.read_head  # back to the class's own method
-            else:
-                self._streams.read_head = self._original
-        self._streams = self._original = self._wrapper = None
-
-    def check(self, header: dict) -> None:
-        """Raise BadMessage (answered to the caller at once) for a request not worth receiving."""
+    def check(self, header: dict, peer_id: bytes | None = None) -> None:
+        """Raise BadMessage (answered to the caller at once) for a request not worth receiving: the
+        endpoint's admission hook (``Endpoint.register(..., admit=guard.check)``)."""
+        if not header.get("S"):
+            return  # everything arrived inline already: the handler checks it with its typed errors
         sizes, body = header.get("L"), header.get("b", b"")
         if not isinstance(sizes, list) or not all(type(n) is int and n >= 0 for n in sizes) or not isinstance(body, bytes):
             return  # malformed: the endpoint's own checks refuse it

@@ -56,6 +56,7 @@ _NO_PEER = b""  # the budget key of a caller whose identity is not proven (an un
 
 
 Handler = Callable[[Any, "CallContext"], Awaitable[Any] | Any]
+Admit = Callable[[dict, "bytes | None"], None]
 
 
 @dataclass
@@ -183,6 +184,7 @@ class Endpoint:
                                    size=pool_size, on_reply=self._on_reply, on_lost=self._on_lost, stats=self.stats)
 
         self._handlers: dict[str, Handler] = {}
+        self._admit: dict[str, Admit] = {}  # per method: checks a request's header before its bytes arrive
         self._router: zmq.Socket | None = None
         self._router_io: SocketIO | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -274,14 +276,25 @@ class Endpoint:
 
     # ------------------------------------------------------------------ serving
 
-    def register(self, name: str, handler: Handler, *, replace: bool = False) -> None:
-        """Serve ``handler(payload, ctx)`` (sync or async) under ``name``; its return value is the reply."""
+    def register(self, name: str, handler: Handler, *, replace: bool = False, admit: Admit | None = None) -> None:
+        """Serve ``handler(payload, ctx)`` (sync or async) under ``name``; its return value is the reply.
+
+        ``admit(header, peer_id)``, if given, sees every request to ``name`` when its header arrives, before
+        any of its streamed bytes are received or allocated, and refuses it by raising ``BadMessage`` (the
+        caller gets that error at once; the request's chunks are then dropped as strays). ``header["L"]``
+        lists the buffer sizes and ``header["b"]`` is the msgpack body, whose tensors are descriptors only.
+        """
         if name in self._handlers and not replace:
             raise ValueError(f"a handler named {name!r} is already registered")
         self._handlers[name] = handler
+        if admit is not None:
+            self._admit[name] = admit
+        else:
+            self._admit.pop(name, None)
 
     def unregister(self, name: str) -> None:
         self._handlers.pop(name, None)
+        self._admit.pop(name, None)
 
     def _on_routed(self, frames: list) -> None:
         """A message on the ROUTER: the sender's routing id, then the message."""
@@ -697,6 +710,10 @@ class Endpoint:
         if header["k"] == ERROR:
             self._complete(origin, Incoming(header, [], 0, 0, peer))
             return
+        if origin and header["k"] == REQUEST and self._admit:
+            admit = self._admit.get(header.get("m"))  # type: ignore[arg-type]
+            if admit is not None:
+                admit(header, peer if self.encryption else None)  # BadMessage refuses it, answered at once
         # a request is budgeted per calling peer, a reply per call of ours (it answers what we asked for)
         budget = peer if origin else ("reply", rid)
         incoming = self.streams.read_head(header, frames, budget, None if origin else self._into.get(rid))
