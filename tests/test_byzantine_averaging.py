@@ -140,10 +140,12 @@ async def test_a_non_member_with_the_group_id_cannot_inject(swarm_factory):
     async def leak(event, state):
         if event == "group" and "gid" not in seen:  # the outsider learns the group id and member list
             seen["gid"], seen["group"] = state.group_id, state
-            member = state.members[1]
-            payload = {"gid": state.group_id, "from": 2, "w": 1.0, "part": encode(torch.zeros(1), NONE)}
+            target, claimed = (state.my_index + 1) % 3, (state.my_index + 2) % 3  # two members other than us
+            member = state.members[target]
+            seen["claimed"] = claimed
+            payload = {"gid": state.group_id, "from": claimed, "w": 1.0, "part": encode(torch.zeros(1), NONE)}
             try:
-                await outsider.endpoint.call(member["addr"], "avg.byz.part", payload, timeout=2)
+                await outsider.endpoint.call(member["addr"], "avg.byz.part", payload, timeout=6)
             except RemoteError as e:
                 seen["refusal"] = e.remote_message
             injected.set()
@@ -152,7 +154,7 @@ async def test_a_non_member_with_the_group_id_cannot_inject(swarm_factory):
         tensors = [[torch.full((6,), float(v))] for v in (1, 2, 3)]
         cores, results = await group_round(nodes, tensors, hooks={0: leak})
         await asyncio.wait_for(injected.wait(), 5)
-        assert "not member 2" in seen.get("refusal", ""), seen
+        assert f"not member {seen['claimed']}" in seen.get("refusal", ""), seen
         assert all(torch.allclose(c.tensors[0], torch.full((6,), 2.0)) for c in cores)
     finally:
         await outsider.shutdown()
@@ -211,3 +213,40 @@ def test_attacks_corrupt_what_they_say():
     assert make_attack(None) is None
     with pytest.raises(ValueError, match="one of"):
         make_attack("bribe")
+
+
+@pytest.mark.parametrize("rule", ["mean", "centered_clip"])
+async def test_a_member_claiming_a_huge_weight_is_clamped(swarm_factory, rule):
+    nodes = await swarm_factory(4)
+    tensors = [[torch.full((2000,), float(v))] for v in (1.0, 2.0, 3.0)] + [[torch.full((2000,), 100.0)]]
+    cores, results = await group_round(nodes, tensors, aggregation=rule, weights=[1.0, 1.0, 1.0, 1e30])
+    assert sum(c.allreduce.stats["clamped_weights"] for c in cores) >= 1
+    order, sizes = list(results[0]), results[0].part_sizes
+    liar = order.index(cores[3].peer_id)
+    start = sum(sizes[:liar])
+    for core in cores[:3]:
+        # the parts honest members reduced (the attacker decides its own part: see docs/security.md)
+        value = torch.cat([core.tensors[0][:start], core.tensors[0][start + sizes[liar]:]])
+        if rule == "mean":  # weight 1e30 would leave 100.0 everywhere; clamped to 16x the median: (1600+6)/19
+            assert float(value.max()) < 90.0
+        else:  # a robust rule counts it as one typical member, then clips it
+            assert float(value.max()) < 10.0
+
+
+async def test_members_sign_what_they_declare(swarm_factory):
+    from hivesim.averaging.matchmaking import BadRequest, check_ticket, sign_ticket
+    from hivesim.net import Identity
+
+    alice, mallory = Identity(), Identity()
+    ticket = sign_ticket(alice, "avg.x", {"id": alice.peer_id, "addr": "tcp://a:1", "bw": 1.0, "client": False,
+                                          "aux": False, "gather": None, "w": 1.0})
+    check_ticket("avg.x", ticket, alice.peer_id)
+    for tampered, why in ((dict(ticket, w=1e30), "signature"), (dict(ticket, addr="tcp://evil:1"), "signature"),
+                          (dict(ticket, id=mallory.peer_id), "another peer"),
+                          ({k: v for k, v in ticket.items() if k not in ("pk", "sig")}, "no signed ticket")):
+        with pytest.raises(BadRequest, match=why):
+            check_ticket("avg.x", tampered)
+    with pytest.raises(BadRequest, match="another peer than the one asking"):
+        check_ticket("avg.x", ticket, mallory.peer_id)  # Mallory replays Alice's ticket in her own join
+    with pytest.raises(BadRequest, match="signature"):
+        check_ticket("avg.y", ticket)  # a ticket for another averager

@@ -67,6 +67,19 @@ def decode(wire: Any, expected: int) -> torch.Tensor:
     return out
 
 
+MAX_WEIGHT_RATIO = 16.0  # most a member's weight may exceed the median declared weight of its group
+
+
+def weight_caps(members: list[dict[str, Any]], ratio: float = MAX_WEIGHT_RATIO) -> list[float]:
+    """The most weight each member's contributions may carry: what it declared when it joined (its signed
+    ticket), and at most ``ratio`` times the (lower) median of the group's positive declarations, so a
+    member declaring 1e30 cannot outweigh everyone. Members that declared nothing are not capped."""
+    declared = [m.get("w") for m in members]
+    positive = sorted(w for w in declared if isinstance(w, (int, float)) and w > 0)
+    ceiling = ratio * positive[(len(positive) - 1) // 2] if positive else math.inf
+    return [min(float(w), ceiling) if isinstance(w, (int, float)) else math.inf for w in declared]
+
+
 def part_bounds(sizes: list[int], index: int) -> tuple[int, int]:
     start = sum(sizes[:index])
     return start, start + sizes[index]
@@ -96,6 +109,7 @@ class Reduction:
     aggregation: Aggregation = field(default_factory=Aggregation)
     contributions: list[tuple[float, torch.Tensor]] = field(default_factory=list)  # robust rules: kept, not summed
     closing: bool = False  # no contribution is taken any more (a robust result is being computed)
+    weight_caps: list[float] = field(default_factory=list)  # per member: the most weight its part may carry
 
     def release(self) -> None:
         """Drop the round's tensors once nothing uses them any more. The last rounds stay known (late
@@ -145,7 +159,8 @@ class AllReduce:
         self.max_share = DEFAULT_MAX_SHARE  # the most of a round's vector one member reduces
         self.rounds: OrderedDict[bytes, Reduction] = OrderedDict()
         self._expected: dict[bytes, asyncio.Event] = {}
-        self.stats = {"late_contributions": 0, "bad_contributions": 0, "bad_replies": 0, "impostor_parts": 0}
+        self.stats = {"late_contributions": 0, "bad_contributions": 0, "bad_replies": 0, "impostor_parts": 0,
+                      "clamped_weights": 0}
 
     @property
     def method(self) -> str:
@@ -181,7 +196,9 @@ class AllReduce:
             accumulated = torch.zeros(sizes[me], dtype=torch.float32)
             if contribute:
                 accumulated.add_(flat[start:end], alpha=weight)
-        state = Reduction(group, sizes, flat, weight, codec, senders, accumulated, aggregation=self.aggregation)
+        state = Reduction(group, sizes, flat, weight, codec, senders, accumulated, aggregation=self.aggregation,
+                          # a robust rule counts nobody for more than a typical member
+                          weight_caps=weight_caps(group.members, 1.0 if robust else MAX_WEIGHT_RATIO))
         if contribute:
             state.weight_sum += weight
             state.contributed.add(me)
@@ -341,6 +358,10 @@ class AllReduce:
             raise BadRequest(f"you are not member {sender} of this group")
         if sender in state.contributed:
             raise BadRequest(f"member {sender} already contributed")
+        cap = state.weight_caps[sender]
+        if weight > cap:  # more than it declared when it joined, or far above the group's other members
+            self.stats["clamped_weights"] += 1
+            weight = cap
         state.serving += 1
         try:
             return await self._reduce_part(state, sender, float(weight), payload, ctx)

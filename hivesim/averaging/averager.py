@@ -212,7 +212,8 @@ class AveragerCore:
                 window = min(window, timeout / 2)
             end = deadline if deadline is not None else get_dht_time() + window
             me = {"id": self.peer_id, "addr": self.endpoint.address, "bw": self.bandwidth,
-                  "client": self.client_mode, "aux": self.auxiliary, "gather": gather}
+                  "client": self.client_mode, "aux": self.auxiliary, "gather": gather,
+                  "w": 0.0 if self.auxiliary else float(weight)}  # reducers hold our contribution to this
             group = await self.matchmaker.look_for_group(self.keys.key, end, me)
             if group is None:
                 self.keys.after_sitting_out()

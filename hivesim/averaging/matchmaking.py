@@ -46,7 +46,7 @@ from hivesim.averaging.timing import AdaptiveDeadline
 from hivesim.dht.node import DHTNode
 from hivesim.dht.storage import get_dht_time
 from hivesim.dht.validation import owner_marker
-from hivesim.net.identity import peer_id_from_public_key
+from hivesim.net.identity import peer_id_from_public_key, verify_record
 from hivesim.net.secure import address_peer_id
 from hivesim.net.errors import PeerUnreachable, RPCError, RPCTimeout
 from hivesim.net.rpc import CallContext, Endpoint
@@ -146,6 +146,11 @@ class _Search:
         self.join_done.set()
 
 
+# what a member's ticket signs: everything others rely on about it in a round
+_TICKET_FIELDS = ("id", "addr", "bw", "client", "aux", "w", "gather", "since")
+TICKET_MAX_AGE = 600.0  # seconds a member's ticket stays valid (longer than any matchmaking window)
+
+
 def _member_info(payload: Any) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise BadRequest("peer info must be a mapping")
@@ -156,8 +161,48 @@ def _member_info(payload: Any) -> dict[str, Any]:
         raise BadRequest("peer info needs an address string")
     if not isinstance(bw, (int, float)) or isinstance(bw, bool) or not math.isfinite(bw) or bw <= 0:
         raise BadRequest("peer info needs a positive bandwidth")
-    return {"id": pid, "addr": addr, "bw": float(bw), "client": bool(payload.get("client")),
-            "aux": bool(payload.get("aux")), "gather": payload.get("gather")}
+    weight, since = payload.get("w", 1.0), payload.get("since", 0.0)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+        raise BadRequest("peer info needs a finite non-negative weight")
+    if not isinstance(since, (int, float)) or isinstance(since, bool) or not math.isfinite(since):
+        raise BadRequest("peer info needs the time its ticket was made")
+    info = {"id": pid, "addr": addr, "bw": float(bw), "client": bool(payload.get("client")),
+            "aux": bool(payload.get("aux")), "gather": payload.get("gather"), "w": float(weight), "since": float(since)}
+    pk, sig = payload.get("pk"), payload.get("sig")
+    if pk is not None or sig is not None:
+        if not isinstance(pk, bytes) or len(pk) != 32 or not isinstance(sig, bytes) or len(sig) != 64:
+            raise BadRequest("a member ticket needs a 32-byte public key and a 64-byte signature")
+        info["pk"], info["sig"] = pk, sig
+    return info
+
+
+def sign_ticket(identity: Any, name: str, me: dict[str, Any]) -> dict[str, Any]:
+    """``me`` with the member's signature over what others rely on (its id, address, bandwidth, flags,
+    declared weight, gathered data and the ticket's time), for the averager called ``name``."""
+    ticket = dict(me, since=get_dht_time())
+    ticket["pk"] = identity.public_key
+    ticket["sig"] = identity.sign_record([name, [ticket.get(f) for f in _TICKET_FIELDS]])
+    return ticket
+
+
+def check_ticket(name: str, member: dict[str, Any], proven: bytes | None = None) -> None:
+    """Raise BadRequest unless ``member`` was signed by the peer it names, recently, for this averager
+    (and, given ``proven``, is the peer whose connection sent it)."""
+    if proven is not None and member["id"] != proven:
+        raise BadRequest("peer info names another peer than the one asking")
+    pk, sig = member.get("pk"), member.get("sig")
+    if pk is None or sig is None:
+        raise BadRequest(f"member {member['id'].hex()[:8]} carries no signed ticket")
+    try:
+        owner = peer_id_from_public_key(pk)
+    except ValueError:
+        raise BadRequest("a member ticket's key is not an Ed25519 key") from None
+    if owner != member["id"]:
+        raise BadRequest("a member ticket is signed by another peer than the member")
+    if abs(get_dht_time() - member["since"]) > TICKET_MAX_AGE:
+        raise BadRequest("a member ticket is too old (or from the future)")
+    if not verify_record(pk, [name, [member.get(f) for f in _TICKET_FIELDS]], sig):
+        raise BadRequest(f"member {member['id'].hex()[:8]}'s ticket does not match its signature")
 
 
 class Matchmaker:
@@ -185,6 +230,9 @@ class Matchmaker:
         self.endpoint = endpoint
         self.dht = dht
         self.name = name
+        # members sign what they declare (a ticket) when identities are proven: with an encrypted endpoint
+        # whose key is the DHT node's
+        self.signed = bool(getattr(endpoint, "encryption", False)) and getattr(endpoint, "peer_id", None) == dht.peer_id
         self.target_group_size = target_group_size
         self.min_group_size = min_group_size
         self.client_mode = client_mode
@@ -223,6 +271,8 @@ class Matchmaker:
         """Declare under ``key`` and find a group before ``deadline`` (DHT time); None if there is none."""
         if self.search is not None:
             raise RuntimeError("this averager is already looking for a group")
+        if self.signed:
+            me = sign_ticket(self.endpoint.identity, self.name, me)
         search = _Search(key, deadline, (deadline, me["id"]), me)
         search.outcome = asyncio.get_running_loop().create_future()
         self.search = search
@@ -531,6 +581,11 @@ class Matchmaker:
         if len(shares) != len(members) or not all(isinstance(s, (int, float)) and s >= 0 for s in shares):
             raise BadRequest("shares do not match the members")
         ids = [m["id"] for m in members]
+        if len(set(ids)) != len(ids):
+            raise BadRequest("a member appears twice in the group")
+        if self.signed:  # the leader cannot add members who did not join (or alter what they declared)
+            for member in members:
+                check_ticket(self.name, member)
         if search.me["id"] not in ids:
             raise BadRequest("the group does not contain this peer")
         # the leader's formation time (from the first arrival to a full group) is what deadlines should
@@ -571,6 +626,10 @@ class Matchmaker:
         if not isinstance(brought, list) or len(brought) > 4096:
             raise BadRequest("'with' must be a list of the followers a leader brings along")
         brought = [_member_info(m) for m in brought]
+        if self.signed:  # nobody joins in another's name, and a leader handing over brings only signed members
+            check_ticket(self.name, peer, ctx.peer_id)
+            for member in brought:
+                check_ticket(self.name, member)
         search = self.search
         if search is None or search.closed or search.key != payload["key"]:
             return {"ok": False, "why": "not looking"}
