@@ -1,7 +1,7 @@
 """Decentralized averaging speed: hivesim's DecentralizedAverager, or hivemind's, on the same workload.
 
     python benchmarks/bench_averaging.py [--peers 16 --group 4 --rounds 5 ...] [--allreduce-floats 100e6] [--json]
-    python benchmarks/bench_averaging.py --against hivemind [--hivemind-python /work/hivemind-venv/bin/python]
+    python benchmarks/bench_averaging.py --against hivemind [--hivemind-python PATH]   # or HIVEMIND_PYTHON=PATH
     python benchmarks/bench_averaging.py --only-allreduce      # workload 2 alone
 
 Workload 1 is the one of hivemind's ``benchmarks/benchmark_averaging.py`` (same defaults): ``--peers``
@@ -40,7 +40,8 @@ from typing import Any
 
 from subprocess_group import SubprocessTimeout, run_group
 
-DEFAULT_HIVEMIND_PYTHON = "/work/hivemind-venv/bin/python"
+HIVEMIND_SETUP = ("python3 -m venv hivemind-venv && hivemind-venv/bin/pip install torch==2.13.0 && "
+                  "hivemind-venv/bin/pip install hivemind==1.1.12 torch==2.13.0")
 GOAL_SPEEDUP = 5.0
 GOAL_LOOPBACK = 2.0
 
@@ -307,7 +308,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["hivesim", "hivemind"], default="hivesim")
     parser.add_argument("--against", choices=["hivemind"], help="also run hivemind on the same workload and print ratios")
-    parser.add_argument("--hivemind-python", default=DEFAULT_HIVEMIND_PYTHON)
+    parser.add_argument("--hivemind-python", default=os.environ.get("HIVEMIND_PYTHON"),
+                        help="Python that has hivemind installed (default: the HIVEMIND_PYTHON environment variable)")
     parser.add_argument("--peers", type=int, default=16)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
@@ -330,6 +332,12 @@ def main() -> None:
         return
     show(result, args)
     if args.against != "hivemind":
+        print(f"load average: {result['load']}")
+        return
+    if not args.hivemind_python:
+        print("[hivemind] skipped: --against hivemind needs a Python with hivemind installed, in its own venv, given by "
+              "--hivemind-python PATH or the HIVEMIND_PYTHON environment variable. Set one up with:\n"
+              f"    {HIVEMIND_SETUP}\nthen pass --hivemind-python hivemind-venv/bin/python")
         print(f"load average: {result['load']}")
         return
     command = [args.hivemind_python, os.path.abspath(__file__), "--backend", "hivemind", "--json"]

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_dht.py [--backend hivesim|hivemind] [--peers 16 --workers 10 --rounds 16
         --stores 8 --gets 8 --failure-rate 0.1 --seed 30 ...] [--json]
-    python benchmarks/bench_dht.py --against hivemind [--hivemind-python /work/hivemind-venv/bin/python]
+    python benchmarks/bench_dht.py --against hivemind [--hivemind-python PATH]   # or HIVEMIND_PYTHON=PATH
 
 The workload is the one of hivemind's own ``benchmarks/benchmark_dht.py`` (same defaults):
 
@@ -61,7 +61,8 @@ from typing import Any
 
 from subprocess_group import SubprocessTimeout, run_group
 
-DEFAULT_HIVEMIND_PYTHON = "/work/hivemind-venv/bin/python"
+HIVEMIND_SETUP = ("python3 -m venv hivemind-venv && hivemind-venv/bin/pip install torch==2.13.0 && "
+                  "hivemind-venv/bin/pip install hivemind==1.1.12 torch==2.13.0")
 GOAL_RATIO = 10.0
 
 
@@ -619,19 +620,15 @@ def print_both(ours: dict, theirs: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- against
-def run_hivemind_subprocess(args: argparse.Namespace) -> dict:
-    python = args.hivemind_python
-    if python is None:
-        if not os.path.exists(DEFAULT_HIVEMIND_PYTHON):
-            raise SystemExit(
-                f"--against hivemind needs a Python with hivemind installed, and {DEFAULT_HIVEMIND_PYTHON} does not "
-                "exist. Make one in its own venv (not hivesim's: the two must not share one), then pass its python:\n"
-                "    python3 -m venv /work/hivemind-venv\n"
-                "    /work/hivemind-venv/bin/pip install torch==2.13.0   # first: the CPU wheel\n"
-                "    /work/hivemind-venv/bin/pip install hivemind==1.1.12 torch==2.13.0\n"
-                "    python benchmarks/bench_dht.py --against hivemind --hivemind-python /work/hivemind-venv/bin/python"
-            )
-        python = DEFAULT_HIVEMIND_PYTHON
+def run_hivemind_subprocess(args: argparse.Namespace) -> dict | None:
+    """hivemind's side in its own venv (--hivemind-python or HIVEMIND_PYTHON); None, and how to set one up, without one."""
+    python = args.hivemind_python or os.environ.get("HIVEMIND_PYTHON")
+    if not python:
+        print("[bench_dht] hivemind's side skipped: --against hivemind needs a Python with hivemind installed, in its "
+              "own venv (not hivesim's), given by --hivemind-python PATH or the HIVEMIND_PYTHON environment variable. "
+              f"Set one up with:\n    {HIVEMIND_SETUP}\nthen pass --hivemind-python hivemind-venv/bin/python",
+              file=sys.stderr, flush=True)
+        return None
     if not os.path.exists(python):
         raise SystemExit(f"--hivemind-python {python}: no such file")
     command = [python, os.path.abspath(__file__), "--backend", "hivemind", "--json"]
@@ -667,7 +664,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="hivesim")
     parser.add_argument("--against", choices=["hivemind"], help="also run the same workload on hivemind (subprocess)")
     parser.add_argument("--hivemind-python", default=None,
-                        help=f"Python that has hivemind installed (default {DEFAULT_HIVEMIND_PYTHON})")
+                        help="Python that has hivemind installed (default: the HIVEMIND_PYTHON environment variable)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     parser.add_argument("--hivesim-procs", type=int, default=os.cpu_count() or 1,
                         help="spread hivesim's peers over this many child processes (default: one per core, as "
@@ -718,8 +715,8 @@ def main(argv: list[str] | None = None) -> int:
         hivesim_child()
         return 0
     result = run_workload(make_backend(args), args)
-    if args.against:
-        theirs = run_hivemind_subprocess(args)
+    theirs = run_hivemind_subprocess(args) if args.against else None
+    if theirs is not None:
         if theirs["params"] != result["params"]:
             print(f"[bench_dht] warning: parameters differ: {result['params']} vs {theirs['params']}", file=sys.stderr)
         if args.json:

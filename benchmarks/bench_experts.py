@@ -3,7 +3,7 @@
     python benchmarks/bench_experts.py [--preset minimalistic|ffn_small] [--backend hivesim|hivemind]
         [--num-experts N --num-clients C --batches-per-client B --batch-size S --hid-dim H
          --max-batch-size M --handlers K] [--json]
-    python benchmarks/bench_experts.py --against hivemind [--hivemind-python /work/hivemind-venv/bin/python]
+    python benchmarks/bench_experts.py --against hivemind [--hivemind-python PATH]   # or HIVEMIND_PYTHON=PATH
 
 The workload of hivemind's ``benchmarks/benchmark_throughput.py``: a server hosts ``num_experts``
 ``ffn`` experts (hid -> 4 hid -> hid, GELU, residual, LayerNorm; Adam) and ``num_clients`` client
@@ -37,7 +37,8 @@ import threading
 import time
 from typing import Any
 
-DEFAULT_HIVEMIND_PYTHON = "/work/hivemind-venv/bin/python"
+HIVEMIND_SETUP = ("python3 -m venv hivemind-venv && hivemind-venv/bin/pip install torch==2.13.0 && "
+                  "hivemind-venv/bin/pip install hivemind==1.1.12 torch==2.13.0")
 PRESETS: dict[str, dict[str, int]] = {
     "minimalistic": dict(num_experts=1, num_clients=1, handlers=1, batches_per_client=8, batch_size=2048,
                          hid_dim=1024, max_batch_size=4096),
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="minimalistic")
     parser.add_argument("--backend", choices=["hivesim", "hivemind"], default="hivesim")
     parser.add_argument("--against", choices=["hivemind"], default=None)
-    parser.add_argument("--hivemind-python", default=DEFAULT_HIVEMIND_PYTHON)
+    parser.add_argument("--hivemind-python", default=os.environ.get("HIVEMIND_PYTHON"),
+                        help="Python that has hivemind installed (default: the HIVEMIND_PYTHON environment variable)")
     for key in PRESETS["minimalistic"]:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--device", default=None, help="server device (default: cuda if available, else cpu)")
@@ -216,7 +218,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     print(_describe(args.backend, result), flush=True)
-    if args.against:
+    if args.against and not args.hivemind_python:
+        print("hivemind's side skipped: --against hivemind needs a Python with hivemind installed, in its own venv, "
+              "given by --hivemind-python PATH or the HIVEMIND_PYTHON environment variable. Set one up with:\n"
+              f"    {HIVEMIND_SETUP}\nthen pass --hivemind-python hivemind-venv/bin/python", flush=True)
+    elif args.against:
         cmd = [args.hivemind_python, os.path.abspath(__file__), "--backend", "hivemind", "--json", "--preset", args.preset]
         for key in PRESETS["minimalistic"]:
             cmd += [f"--{key.replace('_', '-')}", str(cfg[key])]
