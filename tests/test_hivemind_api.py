@@ -228,3 +228,46 @@ def test_validators_and_identities_pickle():
         schema.validate(DHTRecord(msgpack.packb("run_step"), None, msgpack.packb("2"), time.time() + 60))
     with pytest.raises(RecordRejected):
         schema.validate(DHTRecord(msgpack.packb("elsewhere"), None, msgpack.packb(2), time.time() + 60))
+
+
+def test_averager_state_sharing_like_hivemind():
+    """``load_state_from_peers`` / ``get_current_state`` / ``allow_state_sharing``: a newcomer downloads the
+    state a peer shares; a peer that stops sharing is not asked; a donor with other tensors is refused."""
+    import torch
+
+    from hivesim import DecentralizedAverager
+
+    class WithMetadata(DecentralizedAverager):
+        def get_current_state(self):
+            meta, tensors = super().get_current_state()
+            return {"epoch": 7, **meta}, tensors
+
+    dhts = [DHT()]
+    dhts += [DHT(initial_peers=dhts[0].get_visible_maddrs()) for _ in range(2)]
+    averagers = []
+    try:
+        donor = WithMetadata([torch.arange(6.0), torch.ones(2, 2)], dhts[0], prefix="shared")
+        newcomer = DecentralizedAverager([torch.zeros(6), torch.zeros(2, 2)], dhts[1], prefix="shared",
+                                         allow_state_sharing=False)
+        stranger = DecentralizedAverager([torch.zeros(5)], dhts[2], prefix="shared", allow_state_sharing=False)
+        averagers += [donor, newcomer, stranger]
+        assert donor.allow_state_sharing and not newcomer.allow_state_sharing
+        state = None
+        for _ in range(20):  # the donor's declaration takes a moment to reach the DHT
+            state = newcomer.load_state_from_peers(timeout=5)
+            if state is not None:
+                break
+            time.sleep(0.25)
+        assert state is not None
+        meta, tensors = state
+        assert meta == {"epoch": 7}
+        assert torch.equal(tensors[0], torch.arange(6.0)) and torch.equal(tensors[1], torch.ones(2, 2))
+        assert stranger.load_state_from_peers(timeout=3) is None  # the donor's tensors do not fit it
+        donor.allow_state_sharing = False
+        time.sleep(1.0)
+        assert newcomer.load_state_from_peers(timeout=3) is None  # withdrawn
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()

@@ -22,6 +22,7 @@ import torch
 
 from hivesim.averaging.allreduce import AllReduce, FaultHook, RoundReport, offload
 from hivesim.averaging.robust import Aggregation
+from hivesim.averaging.state_sharing import StateServer, StateUnavailable, download_state
 from hivesim.averaging.grid import GroupKeyManager, check_bits
 from hivesim.averaging.matchmaking import BanList, GroupInfo, Matchmaker
 from hivesim.averaging.timing import AdaptiveDeadline
@@ -269,6 +270,8 @@ class DecentralizedAverager:
         prefix, target_group_size, min_group_size, initial_group_bits, bandwidth, client_mode, auxiliary,
         compression, allreduce_timeout, matchmaking_time: see :class:`AveragerCore`.
         start: register the averager right away (else call :meth:`run_in_background`).
+        allow_state_sharing: serve :meth:`get_current_state` to newcomers (default: unless a client or
+            auxiliary peer, as in hivemind); see :meth:`load_state_from_peers`.
 
     ``target_group_size=None`` (hivemind's default) puts no upper bound on a group.
 
@@ -288,8 +291,12 @@ class DecentralizedAverager:
                  min_group_size: int = 2, initial_group_bits: str = "", bandwidth: float | None = None,
                  client_mode: bool = False, auxiliary: bool = False, compression: Any = None,
                  allreduce_timeout: float | None = None, matchmaking_time: float | None = None,
-                 request_timeout: float = 3.0, start: bool = True, **kwargs: Any) -> None:
+                 request_timeout: float = 3.0, start: bool = True, allow_state_sharing: bool | None = None,
+                 **kwargs: Any) -> None:
         self.dht = dht
+        # hivemind's default: peers others can reach share their state, clients and auxiliaries do not
+        self._share_state = (not client_mode and not auxiliary) if allow_state_sharing is None else bool(allow_state_sharing)
+        self._state_server: StateServer | None = None
         self._core_kwargs = dict(prefix=prefix, target_group_size=target_group_size, min_group_size=min_group_size,
                                  initial_group_bits=initial_group_bits, bandwidth=bandwidth, client_mode=client_mode,
                                  auxiliary=auxiliary, compression=compression, allreduce_timeout=allreduce_timeout,
@@ -300,7 +307,85 @@ class DecentralizedAverager:
             self.run_in_background()
 
     def run_in_background(self) -> None:
-        self.dht.run_coroutine(lambda _dht, _node: self.core.start())
+        async def start(_dht: Any, node: Any) -> None:
+            await self.core.start()
+            if self._share_state:
+                await self._serve_state(node)
+
+        self.dht.run_coroutine(start)
+
+    # ------------------------------------------------------------------ state for newcomers (hivemind's API)
+
+    @property
+    def allow_state_sharing(self) -> bool:
+        """Whether this averager serves :meth:`get_current_state` to peers that call
+        :meth:`load_state_from_peers` (settable; it declares or withdraws itself as a donor)."""
+        return self._share_state
+
+    @allow_state_sharing.setter
+    def allow_state_sharing(self, value: bool) -> None:
+        value = bool(value)
+        if value == self._share_state:
+            return
+        self._share_state = value
+        if not self.core.started:
+            return
+        if value:
+            self.dht.run_coroutine(lambda _dht, node: self._serve_state(node))
+        else:
+            self.dht.run_coroutine(lambda _dht, _node: self._stop_serving_state())
+
+    def get_current_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """What this peer shares with newcomers: ``(metadata, tensors)``. The default shares the averaged
+        tensors and no metadata; override it (as hivemind's subclasses do) to share more."""
+        with self.core.get_tensors() as tensors:
+            return {}, [t.detach().clone() for t in tensors]
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None
+                              ) -> tuple[dict[str, Any], list[torch.Tensor]] | None | Any:
+        """Download ``(metadata, tensors)`` from the peers sharing state under this prefix (several at once,
+        each tensor checked for shape, dtype and finite values against the donor's manifest); None if
+        nobody shares it. The caller decides what to do with it (hivemind's contract); ``wait=False``
+        returns a concurrent Future of the result."""
+        prefix = self.core.prefix
+        with self.core.get_tensors() as ours:
+            names = [str(i) for i in range(len(ours))]
+            shapes, dtypes = [tuple(t.shape) for t in ours], [t.dtype for t in ours]
+
+        def expect(their_names: list[str], their_shapes: list[tuple[int, ...]], their_dtypes: list[torch.dtype]) -> None:
+            if their_names != names or their_shapes != shapes or their_dtypes != dtypes:
+                raise ValueError("the donor's tensors are not this averager's (names, shapes or dtypes differ)")
+
+        async def fetch(_dht: Any, node: Any) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
+            try:
+                state = await download_state(node.endpoint, node, f"{prefix}_avgstate", timeout=timeout or 60.0,
+                                             exclude=node.peer_id, expect=expect)
+            except StateUnavailable as e:
+                logger.info("load_state_from_peers: %s", e)
+                return None
+            return dict(state.meta), [state.tensors[name] for name in names]
+
+        future = self.dht.run_coroutine(fetch, return_future=True)
+        if not wait:
+            return future
+        return future.result(None if timeout is None else timeout + 5.0)
+
+    async def _serve_state(self, node: Any) -> None:
+        if self._state_server is not None:
+            return
+
+        def provide() -> tuple[int, dict[str, Any], list[tuple[str, torch.Tensor]]]:
+            meta, tensors = self.get_current_state()
+            return self.core.successes, meta, [(str(i), t) for i, t in enumerate(tensors)]
+
+        server = StateServer(node.endpoint, node, f"{self.core.prefix}_avgstate", provide)
+        server.epoch_now = lambda: self.core.successes
+        self._state_server = await server.start()
+
+    async def _stop_serving_state(self) -> None:
+        server, self._state_server = self._state_server, None
+        if server is not None:
+            await server.close()
 
     @property
     def peer_id(self) -> bytes:
@@ -352,8 +437,12 @@ class DecentralizedAverager:
     def shutdown(self) -> None:
         """Stop serving (idempotent); the DHT stays up."""
         if self.core.started and self.dht.is_alive:
+            async def close(_dht: Any, _node: Any) -> None:
+                await self._stop_serving_state()
+                await self.core.close()
+
             try:
-                self.dht.run_coroutine(lambda _dht, _node: self.core.close())
+                self.dht.run_coroutine(close)
             except RuntimeError:
                 pass
 

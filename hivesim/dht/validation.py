@@ -49,6 +49,17 @@ def owner_marker(public_key: bytes) -> str:
     return f"[owner:{public_key.hex()}]"
 
 
+def owner_of_subkey(subkey: Any) -> bytes | None:
+    """The public key a subkey that is exactly an owner marker names, or None for a subkey nobody owns."""
+    if not isinstance(subkey, str) or not subkey.startswith("[owner:") or not subkey.endswith("]"):
+        return None
+    try:
+        key = bytes.fromhex(subkey[len("[owner:"):-1])
+    except ValueError:
+        return None
+    return key if len(key) == 32 else None
+
+
 _OWNER = re.compile(rb"\[owner:([0-9a-f]{64})\]")
 
 

@@ -4,7 +4,7 @@ from hivesim.optim.diloco import DiLoCoOptimizer, fragment_indices
 from hivesim.optim.member import EpochReport, SwarmMember
 from hivesim.optim.optimizer import Optimizer
 from hivesim.optim.progress import GlobalProgress, LocalProgress, ProgressRecord, ProgressTracker
-from hivesim.optim.state_sharing import DownloadedState, StateServer, StateUnavailable, download_state, find_donors
+from hivesim.averaging.state_sharing import DownloadedState, StateServer, StateUnavailable, download_state, find_donors
 from hivesim.optim.training_state import StateMismatch
 
 __all__ = [

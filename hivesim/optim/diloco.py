@@ -29,7 +29,7 @@ import torch
 from hivesim.averaging.averager import AveragerCore
 from hivesim.optim.member import SwarmMember
 from hivesim.optim.progress import ProgressTracker
-from hivesim.optim.state_sharing import StateServer
+from hivesim.averaging.state_sharing import StateServer
 from hivesim.optim.training_state import (check_optimizer_state, check_params, from_skeleton, manifest_check,
                                           to_skeleton)
 

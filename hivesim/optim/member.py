@@ -21,7 +21,7 @@ import torch
 
 from hivesim.averaging.averager import AveragerCore, StepResult
 from hivesim.optim.progress import GlobalProgress, LocalProgress, ProgressTracker
-from hivesim.optim.state_sharing import StateServer, StateUnavailable, download_state
+from hivesim.averaging.state_sharing import StateServer, StateUnavailable, download_state
 from hivesim.optim.training_state import StateMismatch
 
 logger = logging.getLogger("hivesim.optim")

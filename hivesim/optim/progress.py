@@ -23,15 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hivesim.dht.node import DHTNode
 from hivesim.dht.storage import get_dht_time
-from hivesim.dht.validation import owner_marker
+from hivesim.averaging.state_sharing import MAX_EPOCH
+from hivesim.dht.validation import owner_marker, owner_of_subkey
 from hivesim.net.identity import peer_id_from_public_key
 
 logger = logging.getLogger(__name__)
 
-MAX_EPOCH = 1 << 40
 MAX_SAMPLES = 1 << 40
 MAX_THROUGHPUT = 1e9  # samples/s; a record claiming more is clamped
-OWNER_PREFIX = "[owner:"
 
 
 class ProgressRecord(BaseModel):
@@ -46,17 +45,6 @@ class ProgressRecord(BaseModel):
     aux: bool = False
     left: bool = False  # the peer withdrew (a newer record, since the latest expiration wins)
     averaging: bool = False  # the peer has ended this epoch and is averaging: the others should join it now
-
-
-def owner_of_subkey(subkey: Any) -> bytes | None:
-    """The public key an owned subkey names, or None for a subkey nobody owns."""
-    if not isinstance(subkey, str) or not subkey.startswith(OWNER_PREFIX) or not subkey.endswith("]"):
-        return None
-    try:
-        key = bytes.fromhex(subkey[len(OWNER_PREFIX):-1])
-    except ValueError:
-        return None
-    return key if len(key) == 32 else None
 
 
 def set_from_any_thread(loop: asyncio.AbstractEventLoop | None, event: asyncio.Event) -> None:

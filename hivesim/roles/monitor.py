@@ -104,7 +104,7 @@ class MonitorRole(Role):
 
     async def read(self) -> dict[str, Any]:
         """The swarm now: epoch, peers at it, their samples/s and samples, and the trainers' mean losses."""
-        from hivesim.optim.progress import owner_of_subkey
+        from hivesim.dht.validation import owner_of_subkey
         from hivesim.roles.trainer import TrainerMetricsRecord, metrics_key
 
         progress = await self.tracker.refresh()
@@ -195,7 +195,7 @@ class MonitorRole(Role):
 
     async def checkpoint(self) -> Path | None:
         """Download the trainers' state now and save it; None (counted, logged) if no donor gave it."""
-        from hivesim.optim.state_sharing import StateUnavailable, download_state
+        from hivesim.averaging.state_sharing import StateUnavailable, download_state
 
         assert self.checkpoint_dir is not None
         node = self.peer.dht

@@ -1,5 +1,6 @@
-"""Training state for newcomers: peers that hold it declare themselves donors; a newcomer downloads it
-from several donors at once.
+"""State for newcomers: peers that hold it declare themselves donors; a newcomer downloads it from several
+donors at once. The collaborative optimizers (parameters, optimizer state) and ``DecentralizedAverager``
+(``load_state_from_peers``) share it.
 
 A donor declares ``{addr, epoch}`` under ``{run_id}_donors`` in a subkey it owns (the DHT checks its
 signature, so nobody can declare in another peer's name; unowned entries are ignored). A newcomer picks
@@ -30,15 +31,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from hivesim.averaging.allreduce import offload
 from hivesim.dht.node import DHTNode
 from hivesim.dht.storage import get_dht_time
-from hivesim.dht.validation import owner_marker
+from hivesim.dht.validation import owner_marker, owner_of_subkey
 from hivesim.net.codecs import NONE, Codec, get_codec, resolve_codec
 from hivesim.net.errors import RPCError
 from hivesim.net.identity import peer_id_from_public_key
 from hivesim.net.rpc import CallContext, Endpoint
-from hivesim.optim.progress import MAX_EPOCH, owner_of_subkey, set_from_any_thread
 
 logger = logging.getLogger(__name__)
 
+MAX_EPOCH = 1 << 40  # a donor claiming a later epoch is ignored
 MAX_TENSORS = 1 << 16  # a manifest naming more tensors is refused
 MAX_ADDRESS = 256
 
@@ -134,7 +135,12 @@ class StateServer:
 
     def epoch_changed(self) -> None:
         """Re-declare soon (thread-safe)."""
-        set_from_any_thread(self._loop, self._wake)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():  # called from a training thread: wake the loop's task
+            try:
+                loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # closed meanwhile
+                pass
 
     async def _declare_forever(self) -> None:
         while True:
@@ -296,10 +302,10 @@ async def download_state(endpoint: Endpoint, dht: DHTNode, run_id: str, *, timeo
             break
         tried += 1
         try:
-            manifest = _parse_manifest(await endpoint.call(donor.address, info_method, None, timeout=min(left, request_timeout)))
+            offered = _parse_manifest(await endpoint.call(donor.address, info_method, None, timeout=min(left, request_timeout)))
             if expect is not None:
-                expect(*manifest[2:])
-            answered = donor
+                expect(*offered[2:])  # a manifest this peer cannot use passes the donor over
+            manifest, answered = offered, donor
             break
         except (RPCError, ValueError) as e:
             passed_over.add(donor)
