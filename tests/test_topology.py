@@ -140,3 +140,12 @@ def test_a_scheduled_kill_without_rejoin_is_for_good(tmp_path):
     # peers nobody killed for good still churn after the kills (mean lifetime 4 s, 60 s run)
     survivors = {f"b.{i}" for i in range(4)} - victims
     assert any(e.peer in survivors and e.t > 25 for e in events)
+
+
+def test_network_encryption_can_be_switched_off_per_topology():
+    from pathlib import Path
+
+    quickstart = Path(__file__).resolve().parents[1] / "topologies" / "quickstart.yaml"
+    on, _ = load_topology(quickstart)
+    off, _ = load_topology(quickstart, ["network.encryption=false"])
+    assert on.network.encryption is True and off.network.encryption is False

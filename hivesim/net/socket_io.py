@@ -38,7 +38,7 @@ class SocketIO:
     callbacks per message compared with ``zmq.asyncio``, which is where a DHT's small RPCs spend their time.
     """
 
-    __slots__ = ("sock", "loop", "on_message", "fd", "scheduled", "writers", "closed")
+    __slots__ = ("sock", "loop", "on_message", "fd", "scheduled", "writers", "closed", "wake_writers")
     BATCH = 256
 
     def __init__(self, sock: zmq.Socket, loop: asyncio.AbstractEventLoop, on_message: Callable[[list], None]) -> None:
@@ -47,19 +47,27 @@ class SocketIO:
         self.on_message = on_message
         self.fd = sock.getsockopt(zmq.FD)
         self.scheduled = False
+        self.wake_writers = False  # the next check also wakes senders waiting for room
         self.writers: list[asyncio.Future] = []
         self.closed = False
-        loop.add_reader(self.fd, self._ready)
+        loop.add_reader(self.fd, self._signalled)
         self.kick()  # messages may have arrived before the reader was added
 
-    def kick(self) -> None:
-        """Check the socket soon, without waiting for its descriptor to signal."""
+    def kick(self, wake_writers: bool = True) -> None:
+        """Check the socket soon, without waiting for its descriptor to signal (``wake_writers``: and let
+        waiting senders retry)."""
+        self.wake_writers |= wake_writers
         if not self.scheduled and not self.closed:
             self.scheduled = True
             self.loop.call_soon(self._ready)
 
+    def _signalled(self) -> None:
+        self.wake_writers = True
+        self._ready()
+
     def _ready(self) -> None:
         self.scheduled = False
+        wake, self.wake_writers = self.wake_writers, False
         sock = self.sock
         for _ in range(self.BATCH):
             if self.closed:
@@ -80,7 +88,7 @@ class SocketIO:
                 logger.exception("error while handling a message")
         else:
             self.kick()  # more may be waiting: continue after other callbacks had their turn
-        if self.writers and not self.closed:
+        if wake and self.writers and not self.closed:
             try:
                 if sock.getsockopt(_EVENTS) & _POLLOUT:
                     self._wake_writers()
@@ -101,6 +109,11 @@ class SocketIO:
             for i, frame in enumerate(frames):
                 sock.send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, copy=len(frame) < _COPY_BELOW)
         except zmq.Again:
+            # a refused send, too, processes the socket's pending commands and may consume the descriptor's
+            # signal for waiting input: without a look, a message from another peer could sit unread. The
+            # look does not wake the waiting senders (a ROUTER always reports room, so that would spin while
+            # one peer does not read); they retry on their own short timer.
+            self.kick(wake_writers=False)
             return False
         self.kick()  # the send may have consumed the descriptor's signal for waiting input: look soon
         return True

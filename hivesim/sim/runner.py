@@ -122,6 +122,7 @@ class Runner:
         self.rng = random.Random(f"{topology.seed}:runner")
         self.data = RunData(topology)
         self.slots: dict[str, _Slot] = {}
+        self._peer_index: dict[tuple[str, int], dict[str, Any]] = {}  # data.peers by (peer, incarnation)
         self.hosts: list[Any] = []
         self.started_ray = False
         self.workload = _load_workload(topology.workload.module)
@@ -150,7 +151,10 @@ class Runner:
         wall = time.time()
         try:
             self.progress.note(f"starting {len(topology.peer_names())} peers")
+            t0 = time.monotonic()
             await self._create_slots(latency, link_kwargs, stragglers)
+            self.summary["actors_start_s"] = round(time.monotonic() - t0, 2)
+            self.summary["actors_at_start"] = len(self.hosts)
             await self._bootstrap()
             await self._start_workload(list(self.slots))
             await self._main_loop(schedule)
@@ -189,7 +193,17 @@ class Runner:
             kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(wanted), int(self.topology.ray.num_cpus or 0))
         else:
             kwargs["address"] = self.address
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except Exception as e:
+            if self.address is None or not _auth_failure(e):
+                raise
+            raise ConnectionError(
+                f"the Ray cluster at {self.address} refused this client: its authentication token is missing or wrong "
+                "(Ray >= 2.60 clusters use token authentication where a token exists, and a client given an address "
+                "only sends one when told to). Give this machine the cluster's token "
+                "and turn the mode on: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<the output of 'ray get-auth-token' "
+                "on the head node> (or put it in ~/.ray/auth_token)") from None
         self.started_ray = True
 
     def _shutdown_ray(self) -> None:
@@ -304,6 +318,7 @@ class Runner:
             "links": self._link_kwargs.get(slot.name) if self.shaping else None,
             "identity": slot.identity,
             "slowdown": self._stragglers.get(slot.name, 1.0),
+            "endpoint": {"encryption": self.topology.network.encryption},
         }
 
     async def _start_peer(self, slot: _Slot, initial: list[str]) -> None:
@@ -312,25 +327,40 @@ class Runner:
         slot.alive = True
         slot.incarnation += 1
 
+    BOOTSTRAP_WAVE = 8  # the first wave's size; later waves are as large as the swarm already up ...
+    BOOTSTRAP_MAX_WAVE = 128  # ... up to this many peers joining at once
+
     async def _bootstrap(self) -> None:
-        """First peer alone, then waves that join through random peers already up."""
+        """First peer alone, then waves that join through 3 random peers already up. A wave is as large as
+        the swarm already up (at least 8, at most 128 peers), so the swarm doubles each wave: 1,024 peers join
+        in about 12 waves instead of 128 waves of 8, and no wave outnumbers the peers it joins through by more
+        than 8 to 1."""
         order = [s for s in self.slots.values() if self.topology.groups[s.group].join_at == 0]
         if not order:
             raise TopologyError("every group has a join_at: at least one group must start at time 0")
-        deadline = time.monotonic() + self.topology.bootstrap_timeout
+        t0 = time.monotonic()
+        deadline = t0 + self.topology.bootstrap_timeout
         await self._start_peer(order[0], [])
         up = [order[0].address]
-        wave = 8
-        for start in range(1, len(order), wave):
+        start, waves = 1, 1
+        while start < len(order):
+            wave = min(max(self.BOOTSTRAP_WAVE, len(up)), self.BOOTSTRAP_MAX_WAVE)
             batch = order[start : start + wave]
+            start += len(batch)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"bootstrap took longer than {self.topology.bootstrap_timeout} s")
-            await asyncio.wait_for(
-                asyncio.gather(*(self._start_peer(s, self.rng.sample(up, min(3, len(up)))) for s in batch)), left
-            )
+                raise TimeoutError(f"bootstrap took longer than {self.topology.bootstrap_timeout} s "
+                                   f"({len(up)}/{len(order)} peers up; topology key bootstrap_timeout)")
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(self._start_peer(s, self.rng.sample(up, min(3, len(up)))) for s in batch)), left)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"bootstrap took longer than {self.topology.bootstrap_timeout} s "
+                                   f"({len(up)}/{len(order)} peers up; topology key bootstrap_timeout)") from None
             up += [s.address for s in batch]
+            waves += 1
             self.progress.note(f"bootstrapped {len(up)}/{len(order)} peers")
+        self.summary["bootstrap"] = {"peers": len(order), "waves": waves, "seconds": round(time.monotonic() - t0, 2)}
 
     async def _start_workload(self, names: list[str]) -> None:
         spec = self.topology.workload
@@ -466,12 +496,13 @@ class Runner:
         """Keep the latest counters of each peer incarnation."""
         slot = self.slots.get(item["peer"])
         key = (item["peer"], slot.incarnation if slot else 0)
-        for existing in self.data.peers:
-            if (existing["peer"], existing["incarnation"]) == key:
-                existing.update(counters=item["counters"], rpc=item.get("rpc"), shaping=item.get("shaping"))
-                return
-        self.data.peers.append({"peer": item["peer"], "incarnation": key[1], "counters": item["counters"],
-                                "rpc": item.get("rpc"), "shaping": item.get("shaping")})
+        existing = self._peer_index.get(key)
+        if existing is not None:
+            existing.update(counters=item["counters"], rpc=item.get("rpc"), shaping=item.get("shaping"))
+            return
+        self._peer_index[key] = {"peer": item["peer"], "incarnation": key[1], "counters": item["counters"],
+                                 "rpc": item.get("rpc"), "shaping": item.get("shaping")}
+        self.data.peers.append(self._peer_index[key])
 
     async def _finish(self) -> None:
         hosts = self._live_hosts()
@@ -479,6 +510,10 @@ class Runner:
             return
         memory = await asyncio.gather(*(self._bounded(h.memory.remote(), "memory") for h in hosts), return_exceptions=True)
         self.summary["actors"] = [m for m in memory if isinstance(m, dict)]
+        group_of = {id(s.host): s.group for s in self.slots.values() if s.host is not None}
+        for host, m in zip(hosts, memory):
+            if isinstance(m, dict):
+                m["group"] = group_of.get(id(host))
         await self._collect(hosts)
         await asyncio.gather(*(self._bounded(h.stop_all.remote(True), "stopping peers") for h in hosts),
                              return_exceptions=True)
@@ -512,13 +547,21 @@ class Runner:
             "clock_zero": self.data.started_at or None,  # wall time of the schedule's t = 0 (figures use it)
             "wall_time_s": round(wall, 1),
             "finished_early_s": self.summary.get("finished_early_s"),
+            "actors_at_start": self.summary.get("actors_at_start"),
+            "actors_start_s": self.summary.get("actors_start_s"),  # Ray starting the actors' processes
+            "bootstrap": self.summary.get("bootstrap"),
             "interrupted": interrupted,
             "error": repr(error) if error else None,
             "events": {k: sum(1 for e in self.data.events if e.get("action") == k) for k in ("kill", "join", "partition", "heal")},
             "memory_mib": {
                 "actors_total_at_end": round(sum(a["rss_mib"] for a in actors), 1),
                 "per_actor_mean": round(sum(a["rss_mib"] for a in actors) / len(actors), 1) if actors else None,
+                "per_actor_max": round(max(a["rss_mib"] for a in actors), 1) if actors else None,
+                "per_actor_peak_max": round(max(a["peak_mib"] for a in actors), 1) if actors else None,
+                "per_peer_mean": round(sum(a["rss_mib"] for a in actors) / max(1, sum(a["peers"] for a in actors)), 2)
+                if actors else None,
             },
+            "placement": _placement(actors),
             "shaper": _shaper_summary(self.data.peers) if self.shaping else None,
             "link_shaping": self.shaping,
         }
@@ -547,6 +590,25 @@ class Runner:
 async def _awaitable(ref: Any) -> Any:
     """A coroutine awaiting a Ray ObjectRef (or any awaitable), for ``asyncio.wait_for``/``asyncio.wait``."""
     return await ref
+
+
+def _placement(actors: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Where the actors ran at the end: ``{group: {ray node id: actors}}`` (what ``resources`` placed)."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for actor in actors:
+        out[str(actor.get("group"))][str(actor.get("node"))] += 1
+    return {group: dict(nodes) for group, nodes in out.items()}
+
+
+def _auth_failure(error: BaseException) -> bool:
+    """Whether ``ray.init`` failed because the cluster wants a (different) authentication token."""
+    for _ in range(8):  # the AuthenticationError hides behind a ConnectionError or two
+        if error is None:
+            return False
+        if type(error).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _fmt_resources(resources: dict[str, float]) -> str:

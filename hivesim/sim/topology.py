@@ -129,6 +129,9 @@ class NetworkSpec(_Strict):
     uplink: float | None = None
     downlink: float | None = None
     check_host_bandwidth: bool = True
+    # CurveZMQ on every peer's endpoint, as in deployment; a study may turn it off for raw speed (then
+    # nothing about a caller is proven: see docs/security.md)
+    encryption: bool = True
 
     _rates = field_validator("uplink", "downlink", mode="before")(lambda cls, v: parse_rate(v))
 
