@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a topology (a simulated swarm on Ray) and write a results folder")
     run.add_argument("topology", help="topology YAML file, e.g. topologies/quickstart.yaml")
-    run.add_argument("overrides", nargs="*", metavar="key=value", help="override topology keys, e.g. duration=20 groups.nodes.count=32")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="override topology keys, e.g. duration=20 groups.eu.count=32 (a group of the topology)")
     run.add_argument("--results-dir", help="where the run's folder goes (default: the topology's results_dir, 'results')")
     run.add_argument("--address", help="an existing Ray cluster ('auto'): link shaping off, peers placed by resources")
     run.add_argument("--quiet", action="store_true", help="no progress display; print only the results folder (stdout)")

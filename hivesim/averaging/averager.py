@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hivesim.averaging.allreduce import AllReduce, FaultHook, RoundReport, offload
+from hivesim.averaging.partition import DEFAULT_MAX_SHARE
 from hivesim.averaging.robust import Aggregation
 from hivesim.averaging.state_sharing import StateServer, StateUnavailable, download_state
 from hivesim.averaging.grid import GroupKeyManager, check_bits
@@ -87,6 +88,8 @@ class AveragerCore:
         aggregation: how this peer reduces its part: ``"mean"`` (default), or a Byzantine-robust rule
             (``"centered_clip"``, ``"trimmed_mean"``, ``"median"``, or an :class:`Aggregation` with parameters;
             see :mod:`hivesim.averaging.robust`).
+        max_share: the most of a round's vector one member reduces (default 0.5: a member lying about its
+            bandwidth gets at most that); 1.0 or None restores DeDLOC's unconstrained load balancing.
     """
 
     def __init__(self, endpoint: Endpoint, dht: DHTNode, tensors: Sequence[torch.Tensor], *, prefix: str,
@@ -96,7 +99,7 @@ class AveragerCore:
                  matchmaking_time: float | None = None, allreduce_timeout: float | None = None,
                  request_timeout: float = 3.0, ban_time: float = 30.0, merge_when_alone: bool = True,
                  early_start: bool = True, fault_hook: FaultHook | None = None,
-                 aggregation: "str | Aggregation | None" = None) -> None:
+                 aggregation: "str | Aggregation | None" = None, max_share: float | None = DEFAULT_MAX_SHARE) -> None:
         if not tensors:
             raise ValueError("nothing to average: pass at least one tensor")
         if client_mode and auxiliary:
@@ -138,6 +141,7 @@ class AveragerCore:
                                      request_timeout=request_timeout, merge_when_alone=merge_when_alone,
                                      early_start=early_start)
         self.allreduce = AllReduce(endpoint, name, self.bans, fault_hook, aggregation)
+        self.allreduce.max_share = max_share
         self.fault_hook = fault_hook
         self.started = False
         self.steps = 0

@@ -2,7 +2,7 @@
 
 A ``trainer`` with ``attack: NAME`` runs the honest protocol (it joins groups, reduces its parts honestly)
 but corrupts what it contributes, which is the threat model of the robust-aggregation literature (a hostile
-*reducer* is a different attack: see the README's security model). Attackers of one run share a seed, so
+*reducer* is a different attack: see docs/security.md). Attackers of one run share a seed, so
 they collude (the same direction, the same statistics). Each attack hooks in at two places of a step:
 :meth:`Attack.batch` (before the forward pass) and :meth:`Attack.gradients` (after the backward pass).
 

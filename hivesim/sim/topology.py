@@ -3,7 +3,7 @@
 A topology is YAML, read with OmegaConf (so ``key=value`` overrides from the command line work and
 ``${...}`` interpolation is available) and checked against the pydantic models below. A mistake is
 reported as ``file:line: key.path: what is wrong`` — with a suggestion for a misspelt key — instead of
-a traceback. Every key is documented in the README ("Writing a topology").
+a traceback. Every key is documented in docs/simulation.md.
 """
 
 from __future__ import annotations
