@@ -28,11 +28,13 @@ class PeerHost:
 
     def __init__(self, latency: LatencyModel | None, host: str = "127.0.0.1", advertise_host: str | None = None) -> None:
         self.latency = latency
-        self.host = host
         if host == "0.0.0.0" and advertise_host is None:  # on a cluster: others reach us at the node's address
             import ray
 
             advertise_host = ray.util.get_node_ip_address()
+            if advertise_host.startswith("127."):  # a cluster of nodes on one machine (pinned to loopback):
+                host = advertise_host  # listen there only, not on every interface
+        self.host = host
         self.advertise_host = advertise_host
         self.peers: dict[str, Peer] = {}
         self.finished: list[dict[str, Any]] = []  # metrics of peers that left, not yet drained
@@ -98,7 +100,7 @@ class PeerHost:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         with open(f"/proc/{os.getpid()}/statm") as f:
             current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        return {"pid": os.getpid(), "rss_mib": current, "peak_mib": rss, "peers": len(self.peers)}
+        return {"pid": os.getpid(), "rss_mib": current, "peak_mib": rss, "peers": len(self.peers), "node": _node_id()}
 
     async def dht_get(self, name: str, key: Any, latest: bool = False) -> Any:
         """Read a key through peer ``name``'s DHT node (for checks from the driver)."""
@@ -120,6 +122,13 @@ class PeerHost:
 
     def ready(self) -> bool:
         return True
+
+
+def _node_id() -> str | None:
+    """The Ray node this actor runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _collect(peer: Peer) -> dict[str, Any]:

@@ -1,0 +1,54 @@
+"""``topologies/dht_1024.yaml`` through ``hivesim run``: lookups found under churn, bootstrap in doubling
+waves, memory in the summary. CI runs it at 128 peers (same file, overrides); the full 1,024-peer run is
+``--runslow`` (about 6-8 minutes on 2 cores)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPOLOGY = ROOT / "topologies" / "dht_1024.yaml"
+
+
+def _run(tmp_path: Path, overrides: list[str], timeout: float) -> dict:
+    out = subprocess.run([sys.executable, "-m", "hivesim.cli", "run", str(TOPOLOGY), *overrides,
+                          "--results-dir", str(tmp_path), "--quiet"],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    run_dir = Path(out.stdout.strip().splitlines()[-1])
+    assert (run_dir / "samples.jsonl").exists() and (run_dir / "dht_lookup.png").exists()
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _check(summary: dict, peers: int, per_actor: int) -> None:
+    assert summary["error"] is None and summary["peers"] == peers
+    assert summary["actors_at_start"] == peers // per_actor
+    boot = summary["bootstrap"]
+    # the swarm doubles each wave up to 128 joining at once (128 peers: 6 waves, 1,024: 13), not waves of 8 (17, 129)
+    assert boot["peers"] == peers and boot["waves"] <= 2 + math.log2(min(peers, 128)) + math.ceil(max(0, peers - 128) / 128), boot
+    assert summary["events"]["kill"] > 0 and summary["events"]["join"] > 0  # there was churn
+    work = summary["workload"]
+    assert work["success_rate"] >= 0.99, work
+    assert work["swarm_size_max"] >= peers - 8, work
+    memory = summary["memory_mib"]
+    assert memory["actors_total_at_end"] > 0 and memory["per_actor_mean"] > 0 and memory["per_actor_max"] > 0
+    assert len(summary["actors"]) == summary["actors_at_end"] and all(a["rss_mib"] > 0 for a in summary["actors"])
+
+
+def test_128_peers_of_the_1024_topology_find_their_lookups(tmp_path):
+    # churn made stronger than the full run's (mean lifetime 2 min: ~30 kills in 30 s), lookups more frequent
+    summary = _run(tmp_path, ["groups.a.count=64", "groups.b.count=64", "duration=30", "churn.lifetime.mean=120",
+                              "workload.params.interval=2.0"], timeout=150)
+    _check(summary, 128, 32)
+    assert summary["workload"]["lookups"] >= 500
+
+
+@pytest.mark.slow
+def test_1024_peers_find_their_lookups(tmp_path):
+    summary = _run(tmp_path, [], timeout=1500)
+    _check(summary, 1024, 32)
+    assert summary["workload"]["lookups"] >= 5000
