@@ -55,6 +55,10 @@ def test_short_study_mean_breaks_and_centered_clip_holds(tmp_path):
 @pytest.mark.slow
 def test_full_study(tmp_path):
     rows = _run_study(tmp_path / "study", timeout=3 * 3600)
-    for attack in ("sign_flip", "random_direction"):
-        assert rows[f"mean {attack} b=3"]["final_accuracy"] < 0.3
-        assert rows[f"centered_clip {attack} b=7"]["final_accuracy"] > 0.7 * rows["centered_clip clean"]["final_accuracy"]
+    acc = {label: row["final_accuracy"] for label, row in rows.items()}
+    # what docs/byzantine_study.md claims: 3 sign-flippers of 16 ruin the mean, 3 random-direction ones cripple it;
+    # CenteredClip and the trimmed mean hold against 3 of either. (7 of 16 sign-flippers defeat both here.)
+    assert acc["mean sign_flip b=3"] < 0.1 and acc["mean random_direction b=3"] < 0.5 * acc["mean clean"]
+    for rule in ("centered_clip", "trimmed_mean"):
+        for attack in ("sign_flip", "random_direction"):
+            assert acc[f"{rule} {attack} b=3"] > 0.75 * acc[f"{rule} clean"], (rule, attack, acc)
