@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from experiments.collab_study import ROOT, run_topology
+from experiments.collab_study import run_analysis, run_topology
 
 ATTACKS = ("sign_flip", "label_flip", "random_direction", "alie")
 RULES = ("mean", "centered_clip", "trimmed_mean")
@@ -91,13 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         record.update(run_dir=str(run_dir.relative_to(out)), seconds=round(time.monotonic() - t0, 1))
         study["runs"] = [r for r in study["runs"] if r["label"] != entry["label"]] + [record]
         index_path.write_text(json.dumps(study, indent=1))
-    figures = subprocess.run([sys.executable, "-m", "analysis.byzantine_study", str(out)], cwd=ROOT,
-                             capture_output=True, text=True)
-    sys.stdout.write(figures.stdout)
-    if figures.returncode != 0:
-        sys.stderr.write(figures.stderr[-3000:])
-        return 1
-    return 0
+    return run_analysis("analysis.byzantine_study", out)
 
 
 if __name__ == "__main__":

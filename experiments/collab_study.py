@@ -317,8 +317,13 @@ def main(argv: list[str] | None = None) -> int:
                 "run_dir": str(run_dir.relative_to(out)), "group": None, "seconds": round(time.monotonic() - t0, 1),
                 "errors": result["errors"], "time_limit_s": limit}]
         index_path.write_text(json.dumps(study, indent=1))
-    figures = subprocess.run([sys.executable, "-m", "analysis.collab_study", str(out)], cwd=ROOT, capture_output=True,
-                             text=True)
+    return run_analysis("analysis.collab_study", out)
+
+
+def run_analysis(module: str, out: Path) -> int:
+    """Draw a study's figures with its ``analysis`` module, in a subprocess (experiments do not import
+    analysis); prints what it printed; 0, or 1 if it failed."""
+    figures = subprocess.run([sys.executable, "-m", module, str(out)], cwd=ROOT, capture_output=True, text=True)
     sys.stdout.write(figures.stdout)
     if figures.returncode != 0:
         sys.stderr.write(figures.stderr[-3000:])

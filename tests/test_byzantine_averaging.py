@@ -15,22 +15,7 @@ from hivesim.dht import DHTNode
 from hivesim.net import RemoteError
 from hivesim.net.codecs import NONE
 
-from dht_swarm import make_swarm, stop_all
-
-ROUND = 20.0
-
-
-@pytest.fixture
-async def swarm_factory():
-    made: list[DHTNode] = []
-
-    async def make(n: int, **kwargs) -> list[DHTNode]:
-        nodes = await make_swarm(n, seed=n, **kwargs)
-        made.extend(nodes)
-        return nodes
-
-    yield make
-    await stop_all(made)
+from test_averaging import ROUND, swarm_factory  # noqa: F401  (the fixture: real DHT nodes, stopped at teardown)
 
 
 async def group_round(nodes, tensors, *, aggregation=None, weights=None, hooks=None, prefix="byz"):
