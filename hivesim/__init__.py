@@ -33,6 +33,7 @@ _LAZY.update(dict.fromkeys(["ExpertServer", "RemoteExpert", "RemoteMixtureOfExpe
                             "MoEBeamSearcher", "get_experts"], "hivesim.moe"))
 _LAZY["DecentralizedAverager"] = "hivesim.averaging"
 _LAZY["AllreduceException"] = "hivesim.averaging"
+_LAZY["Aggregation"] = "hivesim.averaging"
 _LAZY.update(dict.fromkeys(["Optimizer", "DiLoCoOptimizer", "ProgressTracker", "GlobalProgress"], "hivesim.optim"))
 
 
@@ -51,5 +52,5 @@ __all__ = [
     "RPCTimeout", "RemoteError", "ShapedLinks", "SizeAdaptiveCompression", "__version__",
     "ExpertServer", "RemoteExpert", "RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts", "MoEBeamSearcher",
     "get_experts",
-    "DecentralizedAverager", "AllreduceException", "Optimizer", "DiLoCoOptimizer", "ProgressTracker", "GlobalProgress",
+    "DecentralizedAverager", "AllreduceException", "Aggregation", "Optimizer", "DiLoCoOptimizer", "ProgressTracker", "GlobalProgress",
 ]
