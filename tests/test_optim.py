@@ -165,7 +165,8 @@ def test_local_updates_average_parameters_every_epoch(swarm):
 
 
 def test_delayed_updates_train_one_epoch_stale(swarm):
-    trainers = [swarm.trainer(delay_optimizer_step=True, delay_grad_averaging=True, target_batch_size=2 * BATCH * 12)
+    trainers = [swarm.trainer(delay_optimizer_step=True, delay_grad_averaging=True, target_batch_size=2 * BATCH * 12,
+                              matchmaking_time=6.0)  # background rounds start a step apart: room to meet
                 for _ in range(2)]
     start = params_of(trainers[0].model)
     for t in trainers:
