@@ -4,14 +4,14 @@ A validator sees every record a node stores and every record a lookup returns. `
 the writer before a record leaves; ``validate`` runs on every node that stores it and on every reader;
 ``strip_value`` undoes ``sign_value`` for the reader. Validators compose in order of ``priority``.
 
-Validators pickle (a ``DHT`` handed to another process takes its validators along, as hivemind's do): a
-:class:`SignatureValidator` carries its private key as raw bytes in the pickle, so treat such a pickle
-as the key itself.
+Validators can be copied to another process of the same user (a ``DHT`` handed to a worker takes its
+validators along, as hivemind's do): a :class:`SignatureValidator` carries its private key as raw bytes in
+the copy, so treat such a copy as the key itself. Nothing here decodes what a peer sends that way: records
+travel as msgpack.
 """
 
 from __future__ import annotations
 
-import copyreg
 import re
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Any
@@ -195,7 +195,7 @@ class SchemaValidator(RecordValidator):
             self.fields[key] = (name, TypeAdapter(hint))
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self._state)  # adapters are rebuilt: TypeAdapter objects do not pickle
+        return dict(self._state)  # adapters are rebuilt: TypeAdapter objects cannot be copied that way
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._state = dict(state)
@@ -253,20 +253,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def _identity_from_private_bytes(data: bytes) -> Identity:
-    return Identity.from_private_bytes(data)
-
-
-def _reduce_identity(identity: Identity) -> tuple[Any, tuple[bytes]]:
-    return _identity_from_private_bytes, (identity.private_bytes(),)
-
-
-if not any(name in vars(Identity) for name in ("__reduce__", "__reduce_ex__", "__getstate__")):
-    # an Identity pickles as its raw private key (the Ed25519 key object itself does not pickle); the
-    # natural home is Identity.__reduce__ in hivesim/net/identity.py, and this defers to one once it exists
-    copyreg.pickle(Identity, _reduce_identity)
 
 
 class CompositeValidator(RecordValidator):

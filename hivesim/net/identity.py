@@ -66,6 +66,11 @@ class Identity:
             f.write(identity.private_bytes())
         return identity
 
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        """Copies (to another process of the same user) carry the raw private key: the key object itself
+        cannot be copied. Treat such a copy as the key."""
+        return Identity.from_private_bytes, (self.private_bytes(),)
+
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
 
