@@ -371,11 +371,14 @@ class DHTNode:
         if node_id == self.node_id or self._closed or not self._names(node_id, address):
             return
         current = self.routing.address_of(node_id)
-        if current == address or (current is None and answered):
+        if current == address or (current is None and (answered or self.routing.waiting_at(node_id) == address)):
+            # known there, or waiting in the replacement cache after answering there: no ping-back
             self._saw(node_id, address)
             return
         if node_id in self._verifying or len(self._verifying) >= _MAX_VERIFICATIONS:
             return
+        if current is None and not answered and not self.routing.has_room(node_id):
+            return  # a caller that could only wait in a full bucket's replacement cache is not worth a ping
         self._verifying.add(node_id)
         self._spawn(self._verify(node_id, address, current, answered))
 

@@ -5,7 +5,9 @@ full bucket splits when its range holds our own id (Kademlia's rule), or when it
 multiple of ``depth_modulo`` (the paper's relaxation that keeps lookups short in skewed tables).
 Otherwise newcomers wait in the bucket's replacement cache and take the place of a contact that
 stops answering. A contact that failed is also blacklisted for a backoff that doubles per failure, so
-lookups do not keep hammering a dead peer.
+lookups do not keep hammering a dead peer. A full bucket asks for its oldest contact to be checked at
+most once per ``probe_interval``: in a large swarm most callers do not fit their callee's table, and
+checking on every such call would add a ping to most requests (failed requests find dead contacts anyway).
 
 Ids are cheap to make up, so one machine must not be able to fill the table: at most ``max_per_ip``
 contacts (2) may share one public IP address and ``max_per_subnet`` (8) one IPv4 /24 or IPv6 /64, the
@@ -95,6 +97,7 @@ class KBucket:
     nodes: OrderedDict[int, str] = field(default_factory=OrderedDict)
     replacements: OrderedDict[int, str] = field(default_factory=OrderedDict)
     last_updated: float = field(default_factory=time.monotonic)
+    last_probed: float = float("-inf")  # when add_or_update last asked for the oldest contact to be checked
 
     def covers(self, node_id: int) -> bool:
         return self.low <= node_id < self.high
@@ -120,6 +123,7 @@ class RoutingTable:
         backoff: first blacklist period (seconds) after a failure; doubles per failure, capped at 60 s.
         max_per_ip, max_per_subnet, local_by_port: how many contacts one address or subnet may hold
             (see the module docstring); None turns a bound off.
+        probe_interval: a full bucket asks for its oldest contact to be checked at most this often (s).
     """
 
     def __init__(
@@ -132,8 +136,10 @@ class RoutingTable:
         max_per_ip: int | None = 2,
         max_per_subnet: int | None = 8,
         local_by_port: bool = True,
+        probe_interval: float = 5.0,
     ) -> None:
         self.node_id = node_id
+        self.probe_interval = probe_interval
         self.bucket_size = bucket_size
         self.depth_modulo = depth_modulo
         self.max_failures = max_failures
@@ -168,11 +174,22 @@ class RoutingTable:
     def address_of(self, node_id: int) -> str | None:
         return self.bucket_for(node_id).nodes.get(node_id)
 
+    def has_room(self, node_id: int) -> bool:
+        """Whether ``node_id`` would enter the table now: it is in it, or its bucket has room or would split."""
+        bucket = self.bucket_for(node_id)
+        return (node_id in bucket.nodes or len(bucket.nodes) < bucket.size or bucket.covers(self.node_id)
+                or bucket.depth % self.depth_modulo != 0)
+
+    def waiting_at(self, node_id: int) -> str | None:
+        """Where ``node_id`` waits in its bucket's replacement cache (it answered there), or None."""
+        return self.bucket_for(node_id).replacements.get(node_id)
+
     def add_or_update(self, node_id: int, address: str) -> int | None:
         """Record that ``node_id`` answered at ``address``.
 
         Returns the id of the least-recently-seen contact of a full bucket (worth a ping: if it is
-        dead, the newcomer takes its place from the replacement cache), or None. A contact whose
+        dead, the newcomer takes its place from the replacement cache; at most once per
+        ``probe_interval`` per bucket), or None. A contact whose
         address or subnet already holds its share of the table is not added (see the module docstring).
         """
         if node_id == self.node_id:
@@ -206,6 +223,10 @@ class RoutingTable:
             bucket.replacements.move_to_end(node_id)
             while len(bucket.replacements) > bucket.size:
                 self._release(bucket.replacements.popitem(last=False)[1])
+            now = time.monotonic()
+            if now - bucket.last_probed < self.probe_interval:
+                return None
+            bucket.last_probed = now
             return next(iter(bucket.nodes))
 
     def _forgive(self, node_id: int) -> None:
