@@ -123,6 +123,7 @@ class Runner:
         self.data = RunData(topology)
         self.slots: dict[str, _Slot] = {}
         self._peer_index: dict[tuple[str, int], dict[str, Any]] = {}  # data.peers by (peer, incarnation)
+        self._applying: dict[str, asyncio.Task] = {}  # the task applying each peer's latest events
         self.hosts: list[Any] = []
         self.started_ray = False
         self.workload = _load_workload(topology.workload.module)
@@ -318,7 +319,7 @@ class Runner:
             "links": self._link_kwargs.get(slot.name) if self.shaping else None,
             "identity": slot.identity,
             "slowdown": self._stragglers.get(slot.name, 1.0),
-            "endpoint": {"encryption": self.topology.network.encryption},
+            "endpoint": {**group.endpoint, "encryption": self.topology.network.encryption},
         }
 
     async def _start_peer(self, slot: _Slot, initial: list[str]) -> None:
@@ -327,6 +328,7 @@ class Runner:
         slot.alive = True
         slot.incarnation += 1
 
+    REJOIN_ATTEMPTS = 3
     BOOTSTRAP_WAVE = 8  # the first wave's size; later waves are as large as the swarm already up ...
     BOOTSTRAP_MAX_WAVE = 128  # ... up to this many peers joining at once
 
@@ -376,26 +378,41 @@ class Runner:
         self.data.started_at = time.time()  # the same instant as ``start``: events, samples and figures share it
         pending = list(schedule)
         next_collect = start + self.topology.collect_every
-        while True:
-            now = time.monotonic()
-            elapsed = now - start
-            due = []
-            while pending and pending[0].t <= elapsed:
-                due.append(pending.pop(0))
-            if due:
-                await self._apply_all(due, elapsed)
-            if now >= next_collect:
-                await self._collect()
-                next_collect = now + self.topology.collect_every
-                if not pending and self._workload_finished():
-                    self.summary["finished_early_s"] = round(elapsed, 1)
+        # a collection runs beside the schedule: busy actors answer slowly, and kills and joins must not wait
+        collecting: asyncio.Task | None = None
+        applying: set[asyncio.Task] = set()
+        try:
+            while True:
+                now = time.monotonic()
+                elapsed = now - start
+                due = []
+                while pending and pending[0].t <= elapsed:
+                    due.append(pending.pop(0))
+                if due:  # applied beside the loop: a slow join must not hold up the next events or collections
+                    applying.add(asyncio.get_running_loop().create_task(self._apply_all(due, elapsed)))
+                for task in [t for t in applying if t.done()]:
+                    applying.discard(task)
+                    task.result()  # _apply records an event's failure; anything raised here is a bug: surface it
+                if collecting is not None and collecting.done():
+                    collecting.result()
+                    collecting = None
+                    if not pending and self._workload_finished():
+                        self.summary["finished_early_s"] = round(elapsed, 1)
+                        break
+                if now >= next_collect and collecting is None:
+                    collecting = asyncio.get_running_loop().create_task(self._collect())
+                    next_collect = now + self.topology.collect_every
+                alive = sum(s.alive for s in self.slots.values())
+                self.progress.update(elapsed, alive, len(self.slots), self._headline())
+                if elapsed >= self.topology.duration:
                     break
-            alive = sum(s.alive for s in self.slots.values())
-            self.progress.update(elapsed, alive, len(self.slots), self._headline())
-            if elapsed >= self.topology.duration:
-                break
-            wake = min(start + self.topology.duration, next_collect, start + pending[0].t if pending else math.inf)
-            await asyncio.sleep(max(0.0, min(0.5, wake - time.monotonic())))
+                wake = min(start + self.topology.duration, next_collect, start + pending[0].t if pending else math.inf)
+                await asyncio.sleep(max(0.0, min(0.5, wake - time.monotonic())))
+        finally:
+            if applying:
+                await asyncio.gather(*applying)
+            if collecting is not None:
+                await collecting
 
     def _workload_finished(self) -> bool:
         """The workload's optional ``finished(run, alive)`` (``alive``: the live peers that run it) says that
@@ -417,11 +434,23 @@ class Runner:
         chains: dict[str, list[Event]] = defaultdict(list)
         for event in events:
             chains[event.peer].append(event)  # partitions and heals (peer "") form one chain
+        # a peer's events due later wait for its earlier ones, still being applied (a kill before its rejoin)
+        before = {peer: self._applying.get(peer) for peer in chains}
+        me = asyncio.current_task()
+        for peer in chains:
+            self._applying[peer] = me
 
-        async def apply_chain(chain: list[Event]) -> list[dict[str, Any]]:
-            return [await self._apply(event, elapsed) for event in chain]
+        async def apply_chain(peer: str, chain: list[Event]) -> list[dict[str, Any]]:
+            previous = before[peer]
+            if previous is not None and previous is not me:
+                await asyncio.wait([previous])
+            try:
+                return [await self._apply(event, elapsed) for event in chain]
+            finally:
+                if self._applying.get(peer) is me:
+                    del self._applying[peer]
 
-        done = await asyncio.gather(*(apply_chain(c) for c in chains.values()))
+        done = await asyncio.gather(*(apply_chain(p, c) for p, c in chains.items()))
         by_event = {id(e): r for chain, records in zip(chains.values(), done) for e, r in zip(chain, records)}
         for event in events:
             record = by_event[id(event)]
@@ -469,8 +498,19 @@ class Runner:
             await self._bounded(slot.host.ready.remote(), f"starting an actor for {slot.name} (can Ray place it?)")
         if not same_identity:
             slot.identity = Identity().private_bytes()
-        live = [s.address for s in self.slots.values() if s.alive]
-        await self._start_peer(slot, self.rng.sample(live, min(3, len(live))))
+        for attempt in range(self.REJOIN_ATTEMPTS):
+            # a busy swarm may leave a few pings unanswered: join through 8 live peers, and try again through
+            # others when none of them answered (a peer that cannot join would stay dead for the rest of the run)
+            live = [s.address for s in self.slots.values() if s.alive]
+            try:
+                await self._start_peer(slot, self.rng.sample(live, min(8, len(live))))
+                break
+            except TimeoutError:
+                raise  # the actor itself did not answer within actor_timeout: retrying would not help
+            except Exception as e:
+                if attempt == self.REJOIN_ATTEMPTS - 1:
+                    raise
+                logger.info("peer %s could not rejoin (%r); trying other peers", slot.name, e)
         await self._start_workload([slot.name])
 
     def _live_hosts(self) -> list[Any]:

@@ -91,6 +91,7 @@ class GroupSpec(_Strict):
     num_cpus: float = Field(default=0.25, gt=0)
     peers_per_actor: int = Field(default=1, ge=1)
     dht: dict[str, Any] = Field(default_factory=dict)
+    endpoint: dict[str, Any] = Field(default_factory=dict)  # Endpoint options, e.g. pool_size for packed peers
     churn: bool = True
     join_at: float = Field(default=0.0, ge=0)
 
@@ -321,6 +322,7 @@ def check_runnable(topology: Topology, path: str | Path, overrides: list[str] | 
     for name, group in topology.groups.items():
         problems += role_problems(group.roles, ("groups", name, "roles"))
         problems += options_problems("dht", group.dht, ("groups", name, "dht"))
+        problems += options_problems("endpoint", group.endpoint, ("groups", name, "endpoint"))
     problems += workload_problems(topology.workload.module, topology.workload.params, ("workload",))
     if problems:
         raise TopologyError(_report("invalid topology", problems, path, overrides))
