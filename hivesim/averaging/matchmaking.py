@@ -218,13 +218,16 @@ class Matchmaker:
             still find each other (off for a strict Moshpit grid).
         early_start: a leader may start a group that is not full before its deadline once every peer it
             saw has joined (off for scheduled rounds, where waiting for the deadline costs nothing).
+        end_when_alone: a peer that finds nobody under any key twice in a row ends its search early (off when
+            the caller already knows that others are at this round, as the Optimizer's progress tracker does:
+            two peers whose declarations were not yet visible to each other would both give up).
         bans: shared with the all-reduce, which bans members that failed it.
         request_timeout: seconds to wait for a leader's answer to a join request.
     """
 
     def __init__(self, endpoint: Endpoint, dht: DHTNode, name: str, *, target_group_size: int, min_group_size: int,
                  client_mode: bool, bans: BanList, request_timeout: float = 3.0, merge_when_alone: bool = True,
-                 early_start: bool = True) -> None:
+                 early_start: bool = True, end_when_alone: bool = True) -> None:
         if min_group_size < 1 or target_group_size < min_group_size:
             raise ValueError(f"need 1 <= min_group_size <= target_group_size, got {min_group_size}, {target_group_size}")
         self.endpoint = endpoint
@@ -240,6 +243,7 @@ class Matchmaker:
         self.request_timeout = request_timeout
         self.merge_when_alone = merge_when_alone
         self.early_start = early_start
+        self.end_when_alone = end_when_alone
         self.search: _Search | None = None
         self._background: set[asyncio.Task] = set()
         self.store_latency = AdaptiveDeadline(initial=0.1, factor=1.0, margin=0.0, floor=0.0, ceiling=10.0)
@@ -365,7 +369,7 @@ class Matchmaker:
                     found_nobody, last_change = False, time.monotonic()
                     continue
                 if key is None:
-                    if found_nobody:
+                    if found_nobody and self.end_when_alone:
                         return None  # a second look, a lone wait later, still found nobody
                     found_nobody = True
                     key = home[: home.rindex(".0b") + 3]  # the root key: where lone peers meet

@@ -118,6 +118,7 @@ class SwarmMember:
         """One averaging round of ``core`` among the peers at ``epoch`` (blocking; None if no group)."""
         core.keys.prefix = f"{core.prefix}_e{epoch}"  # only peers at the same epoch meet
         core.matchmaker.target_group_size = max(2, expected)
+        core.matchmaker.end_when_alone = False  # the tracker saw others at this round: wait the window for them
         timeout = self.averaging_timeout
         try:
             return self._run(lambda: core.step(weight=weight, timeout=timeout, gather=epoch),
