@@ -70,6 +70,8 @@ def run_cli(tmp_path: Path, text: str, *overrides: str) -> tuple[int, str]:
      ":13: workload.module: no module named 'experiments.dht_lokup' (did you mean 'experiments.dht_lookup'?)"),
     (("bucket_size: 10", "bucket_sise: 10"),
      ":11: groups.helpers.dht.bucket_sise: unknown option 'bucket_sise' of DHTNode.create (did you mean 'bucket_size'?)"),
+    (("dht: {bucket_size: 10}", "dht: {bucket_size: 10}\n    endpoint: {pool_sise: 16}"),
+     ":12: groups.helpers.endpoint.pool_sise: unknown option 'pool_sise' of Endpoint (did you mean 'pool_size'?)"),
     (("roles: [averager]", "roles: ['experiments.dht_lookup:ROL']"),
      ":6: groups.nodes.roles.0: experiments.dht_lookup has no 'ROL' (did you mean 'ROLE'?)"),
 ])
