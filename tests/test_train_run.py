@@ -157,6 +157,7 @@ def test_train_quickstart_run(tmp_path):
     for _, peer, epoch in timeline:
         current[peer] = epoch
         alive = [e for p, e in current.items() if p not in killed]
-        worst = max(worst, max(alive) - min(alive))
+        if alive:  # (the killed trainer's sample may come first: then no survivor has reported yet)
+            worst = max(worst, max(alive) - min(alive))
     assert worst <= 3, worst
     print(f"train_quickstart: {wall:.1f} s wall; {work}")
