@@ -177,8 +177,11 @@ class RoutingTable:
     def has_room(self, node_id: int) -> bool:
         """Whether ``node_id`` would enter the table now: it is in it, or its bucket has room or would split."""
         bucket = self.bucket_for(node_id)
-        return (node_id in bucket.nodes or len(bucket.nodes) < bucket.size or bucket.covers(self.node_id)
-                or bucket.depth % self.depth_modulo != 0)
+        return node_id in bucket.nodes or len(bucket.nodes) < bucket.size or self._may_split(bucket)
+
+    def _may_split(self, bucket: KBucket) -> bool:
+        """A full bucket splits when it holds our own id, or when its depth is not a multiple of depth_modulo."""
+        return bucket.covers(self.node_id) or bucket.depth % self.depth_modulo != 0
 
     def waiting_at(self, node_id: int) -> str | None:
         """Where ``node_id`` waits in its bucket's replacement cache (it answered there), or None."""
@@ -216,7 +219,7 @@ class RoutingTable:
                 bucket.nodes[node_id] = address
                 bucket.replacements.pop(node_id, None)
                 return None
-            if bucket.covers(self.node_id) or bucket.depth % self.depth_modulo != 0:
+            if self._may_split(bucket):
                 self._split(bucket)
                 continue
             bucket.replacements[node_id] = address

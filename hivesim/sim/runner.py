@@ -123,7 +123,7 @@ class Runner:
         self.data = RunData(topology)
         self.slots: dict[str, _Slot] = {}
         self._peer_index: dict[tuple[str, int], dict[str, Any]] = {}  # data.peers by (peer, incarnation)
-        self._applying: dict[str, asyncio.Task] = {}  # the task applying each peer's latest events
+        self._peer_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # one peer's events in order
         self.hosts: list[Any] = []
         self.started_ray = False
         self.workload = _load_workload(topology.workload.module)
@@ -434,21 +434,12 @@ class Runner:
         chains: dict[str, list[Event]] = defaultdict(list)
         for event in events:
             chains[event.peer].append(event)  # partitions and heals (peer "") form one chain
-        # a peer's events due later wait for its earlier ones, still being applied (a kill before its rejoin)
-        before = {peer: self._applying.get(peer) for peer in chains}
-        me = asyncio.current_task()
-        for peer in chains:
-            self._applying[peer] = me
 
         async def apply_chain(peer: str, chain: list[Event]) -> list[dict[str, Any]]:
-            previous = before[peer]
-            if previous is not None and previous is not me:
-                await asyncio.wait([previous])
-            try:
+            # a peer's events due later wait for its earlier ones still being applied (a kill before its
+            # rejoin): batches start in schedule order, and a lock hands over to its waiters in turn
+            async with self._peer_locks[peer]:
                 return [await self._apply(event, elapsed) for event in chain]
-            finally:
-                if self._applying.get(peer) is me:
-                    del self._applying[peer]
 
         done = await asyncio.gather(*(apply_chain(p, c) for p, c in chains.items()))
         by_event = {id(e): r for chain, records in zip(chains.values(), done) for e, r in zip(chain, records)}
